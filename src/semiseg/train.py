@@ -1,0 +1,183 @@
+"""The training entry point: ``python -m semiseg.train [overrides]``.
+
+seed -> dataset -> DataModule (split written as ``split.json``) -> method module -> callbacks, loggers,
+trainer -> fit -> test with the best checkpoint -> ``results.json``. Everything comes from the Hydra
+config in ``conf/`` (``conf/train.yaml`` lists the groups).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from semiseg.errors import ConfigError, exit_on_user_error
+from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("semiseg.train")
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+RESULTS_FILE = "results.json"
+SPLIT_FILE = "split.json"
+CONFIG_FILE = "config.yaml"
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject the command-line values users mistype most, before anything is built."""
+    ratio = cfg.get("labeled_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+        raise ConfigError(f"labeled_ratio={ratio!r} must be a number in (0, 1], e.g. labeled_ratio=0.1")
+    for key in ("seed", "split_seed"):
+        value = cfg.get(key)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer, e.g. {key}=0")
+
+
+def build_datamodule(cfg: DictConfig, method_class: type) -> Any:
+    dataset = instantiate(cfg.dataset.source, _convert_="all")
+    return instantiate(
+        cfg.data,
+        dataset=dataset,
+        use_unlabeled=method_class.uses_unlabeled,
+        unlabeled_views=list(method_class.unlabeled_views),
+        _convert_="all",
+    )
+
+
+def build_module(cfg: DictConfig) -> Any:
+    module = instantiate(
+        cfg.method,
+        model=cfg.model,
+        class_names=list(cfg.dataset.class_names),
+        in_channels=cfg.dataset.in_channels,
+        ignore_index=cfg.dataset.ignore_index,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.get("scheduler"),
+        loss=cfg.loss,
+        evaluation=cfg.evaluation,
+        _recursive_=False,
+    )
+    divisor = getattr(module.inference_network, "size_divisor", 1)
+    height, width = cfg.dataset.image_size
+    if height % divisor or width % divisor:
+        fixed = [max(divisor, side // divisor * divisor) for side in (height, width)]
+        raise ConfigError(
+            f"dataset.image_size=[{height},{width}] must be a multiple of {divisor} for model={cfg.model.name}; "
+            f"e.g. dataset.image_size=[{fixed[0]},{fixed[1]}]"
+        )
+    return module
+
+
+def build_list(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that has a ``_target_``."""
+    if not group:
+        return []
+    return [instantiate(node, _convert_="all") for node in group.values() if node and "_target_" in node]
+
+
+def _number(value: Any) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _best_step(path: str) -> int | None:
+    stem = Path(path).stem
+    if "step=" in stem:
+        try:
+            return int(stem.split("step=")[-1].split("-")[0])
+        except ValueError:
+            return None
+    return None
+
+
+def make_results(
+    cfg: DictConfig,
+    module: Any,
+    datamodule: Any,
+    trainer: L.Trainer,
+    test_metrics: dict,
+    train_seconds: float,
+    output_dir: Path,
+) -> dict[str, Any]:
+    checkpoint = trainer.checkpoint_callback
+    best_path = getattr(checkpoint, "best_model_path", "") or ""
+    best_score = getattr(checkpoint, "best_model_score", None)
+    return {
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "labeled_ratio": float(cfg.labeled_ratio),
+        "seed": int(cfg.seed),
+        "split_seed": int(cfg.split_seed),
+        "num_params": int(module.num_params),
+        "num_params_train": int(module.num_params_train),
+        "split": datamodule.split.sizes(),
+        "metrics": {key: _number(value) for key, value in sorted(test_metrics.items()) if key.startswith("test/")},
+        "best_val": {
+            "metric": cfg.evaluation.monitor,
+            "value": _number(best_score) if best_score is not None else None,
+            "step": _best_step(best_path),
+        },
+        "steps": int(trainer.global_step),
+        "train_seconds": round(train_seconds, 3),
+        "checkpoint": str(Path(best_path).resolve().relative_to(output_dir.resolve())) if best_path else None,
+        "config": CONFIG_FILE,
+    }
+
+
+@exit_on_user_error
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment described by ``cfg``; return the content of ``results.json``."""
+    check_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+
+    method_class = get_class(cfg.method._target_)
+    datamodule = build_datamodule(cfg, method_class)
+    datamodule.save_split(output_dir / SPLIT_FILE)
+    log.info("split %s", datamodule.split.sizes())
+    module = build_module(cfg)
+
+    callbacks = build_list(cfg.get("callbacks"))
+    loggers = build_list(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], _convert_="all"
+    )
+    atomic_write_text(output_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    train_seconds = time.perf_counter() - started
+
+    best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=False)
+    results = make_results(cfg, module, datamodule, trainer, tested[0] if tested else {}, train_seconds, output_dir)
+    atomic_write_json(output_dir / RESULTS_FILE, results)
+    metrics = results["metrics"]
+    log.info(
+        "test mIoU %s  mDice %s  -> %s",
+        metrics.get("test/mIoU"),
+        metrics.get("test/mDice"),
+        output_dir / RESULTS_FILE,
+    )
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    results = train(cfg)
+    return results["metrics"].get(f"test/{cfg.evaluation.monitor.split('/', 1)[-1]}")
+
+
+if __name__ == "__main__":
+    main()

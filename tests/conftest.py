@@ -1,0 +1,68 @@
+"""Shared fixtures: Hydra composition of the training config with tiny, fast settings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for tests/data generators
+
+from semiseg.train import CONFIG_DIR
+
+# Everything small: 40 synthetic images of 32x32, tiny batches, two steps, no workers.
+FAST = [
+    "++dataset.num_images=40",  # synthetic only; other datasets ignore it
+    "dataset.image_size=[32,32]",
+    "data.num_workers=0",
+    "data.batch_size_labeled=4",
+    "data.batch_size_unlabeled=4",
+    "data.batch_size_eval=8",
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+]
+
+
+def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None, fast: bool = True) -> DictConfig:
+    """The training config as the app would see it, with ``paths.output_dir`` set."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*(FAST if fast else []), *overrides])
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    def factory(*overrides: str, fast: bool = True) -> DictConfig:
+        return compose_config(overrides, tmp_path / "run", fast=fast)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def fake_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir holding every fake dataset in its official layout."""
+    from data.make_fake_mtiles import make_fake_mtiles
+
+    root = tmp_path_factory.mktemp("data")
+    make_fake_mtiles(root / "MTiles_data")
+    return root
+
+
+def real_data_dir() -> Path | None:
+    value = os.environ.get("SEMISEG_DATA_DIR")
+    if value and (Path(value) / "MTiles_data").is_dir():
+        return Path(value)
+    return None

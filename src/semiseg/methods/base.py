@@ -30,6 +30,7 @@ from semiseg.errors import ConfigError
 from semiseg.losses import ce_dice_loss, class_weight_tensor
 from semiseg.metrics import SegmentationMetrics
 from semiseg.models.base import SegmentationNetwork, count_trainable_parameters
+from semiseg.ramps import sigmoid_rampup
 
 Batch = dict[str, Any]
 LossTerms = dict[str, torch.Tensor]
@@ -147,6 +148,10 @@ class SemiSupervisedModule(L.LightningModule):
         """Loss on the labeled batch; the default trains ``self.net``."""
         loss = self.seg_loss(self.net(labeled["image"]), labeled["mask"])
         return loss, {}
+
+    def rampup(self, length: float) -> float:
+        """Sigmoid ramp-up ``exp(-5 (1 - t/T)^2)`` at the current optimisation step ``t`` (``T`` in steps)."""
+        return sigmoid_rampup(self.global_step, length)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)

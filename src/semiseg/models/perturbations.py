@@ -1,0 +1,104 @@
+"""Feature perturbations applied to encoder features before an auxiliary decoder (UAPS, CCT, UniMatch).
+
+Each perturbation maps one feature map ``(B, C, H, W)`` to one of the same shape. They are active in
+training mode and the identity in eval mode (auxiliary decoders do not run at inference anyway).
+:func:`make_perturbation` gives the k-th auxiliary decoder's perturbation in the UAPS order
+(noise, dropout, feature drop), cycling past three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg.errors import ConfigError
+
+
+class FeatureNoise(nn.Module):
+    """``x + x * u`` with ``u ~ U(-r, r)`` of shape ``(C, H, W)``: one draw per call, shared by the batch."""
+
+    def __init__(self, uniform_range: float = 0.3) -> None:
+        super().__init__()
+        self.uniform_range = uniform_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        noise = (torch.rand(x.shape[1:], device=x.device, dtype=x.dtype) * 2 - 1) * self.uniform_range
+        return x + x * noise.unsqueeze(0)
+
+
+class FeatureDropout(nn.Module):
+    """Element-wise dropout with probability ``p`` (kept values scaled by ``1 / (1 - p)``)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.p, training=self.training)
+
+
+class FeatureDrop(nn.Module):
+    """Attention-based feature drop: the channel mean is an attention map ``(B, 1, H, W)``; positions whose
+    attention reaches ``max_attention * t``, ``t ~ U(low, high)`` drawn once per call, are zeroed."""
+
+    def __init__(self, threshold_range: Sequence[float] = (0.7, 0.9)) -> None:
+        super().__init__()
+        self.low, self.high = (float(v) for v in threshold_range)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        attention = x.mean(dim=1, keepdim=True)
+        max_attention = attention.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
+        fraction = torch.empty((), device=x.device).uniform_(self.low, self.high)
+        return x * (attention < max_attention * fraction).to(x.dtype)
+
+
+class ChannelDropout(nn.Module):
+    """``Dropout2d``: whole channels dropped with probability ``p`` (UniMatch's feature perturbation)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout2d(x, self.p, training=self.training)
+
+
+PERTURBATIONS = {
+    "noise": FeatureNoise,
+    "dropout": FeatureDropout,
+    "feature_drop": FeatureDrop,
+    "channel_dropout": ChannelDropout,
+}
+UAPS_ORDER = ("noise", "dropout", "feature_drop")
+
+
+def make_perturbation(name: str, **options: float) -> nn.Module:
+    """A perturbation by name: ``noise``, ``dropout``, ``feature_drop``, ``channel_dropout`` or ``none``."""
+    if name == "none":
+        return nn.Identity()
+    if name not in PERTURBATIONS:
+        raise ConfigError(f"unknown perturbation {name!r}; choose one of {[*PERTURBATIONS, 'none']}")
+    return PERTURBATIONS[name](**options)
+
+
+def uaps_perturbation(aux_index: int) -> nn.Module:
+    """The perturbation of auxiliary decoder ``aux_index`` (0-based): noise, dropout, feature drop, cycling."""
+    return make_perturbation(UAPS_ORDER[aux_index % len(UAPS_ORDER)])
+
+
+class PerturbedFeatures(nn.Module):
+    """Apply one perturbation to every level of a feature list."""
+
+    def __init__(self, perturbation: nn.Module) -> None:
+        super().__init__()
+        self.perturbation = perturbation
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.perturbation(level) for level in features]

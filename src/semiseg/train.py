@@ -18,7 +18,7 @@ import lightning as L
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from semiseg.errors import ConfigError, exit_on_user_error
+from semiseg.errors import ConfigError, exit_on_user_error, run_hydra_app
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("semiseg.train")
@@ -38,6 +38,19 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}={value!r} must be an integer, e.g. {key}=0")
+    learning_rate = (cfg.get("optimizer") or {}).get("lr")
+    if learning_rate is not None and (
+        isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not learning_rate > 0
+    ):
+        raise ConfigError(f"optimizer.lr={learning_rate!r} must be a positive number, e.g. optimizer.lr=1e-3")
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not (max_steps == -1 or max_steps > 0):
+        raise ConfigError(
+            f"trainer.max_steps={max_steps!r} must be a positive integer (or -1 to use trainer.max_epochs)"
+        )
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file; give the path of a saved .ckpt")
 
 
 def build_datamodule(cfg: DictConfig, method_class: type) -> Any:
@@ -62,6 +75,7 @@ def build_module(cfg: DictConfig) -> Any:
         scheduler=cfg.get("scheduler"),
         loss=cfg.loss,
         evaluation=cfg.evaluation,
+        numerics=cfg.get("numerics"),
         _recursive_=False,
     )
     divisor = getattr(module.inference_network, "size_divisor", 1)
@@ -173,11 +187,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+_task_started = False
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    global _task_started
+    _task_started = True
     results = train(cfg)
     return results["metrics"].get(f"test/{cfg.evaluation.monitor.split('/', 1)[-1]}")
 
 
+def cli() -> None:
+    """The command line: like :func:`main`, but Hydra's own errors about the command line (an unknown
+    config group option, a mistyped key), which it reports before any run starts, exit with code 2 too."""
+    run_hydra_app(main, lambda: _task_started)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

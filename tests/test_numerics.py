@@ -48,7 +48,7 @@ def test_skip_counts_and_finishes(nan_from_step_one, make_cfg) -> None:
     assert results["steps"] == 3
     last = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     assert all(torch.isfinite(value).all() for value in last["state_dict"].values())  # no NaN reached the weights
-    assert all(value is not None for value in results["metrics"].values())
+    assert results["metrics"]["test/mIoU"] is not None
     metrics = (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text()
     assert "train/skipped_batches" in metrics.splitlines()[0]
 

@@ -33,7 +33,7 @@ def test_nan_stops_with_debug_checkpoint(nan_from_step_one, make_cfg, capsys) ->
     assert done.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: loss term 'train/loss_sup' is nan at step 1"), line
-    debug = Path(cfg.paths.output_dir) / "checkpoints" / "debug-nonfinite-step=1.ckpt"
+    debug = Path(cfg.paths.output_dir) / "checkpoints" / "debug-nonfinite-step1.ckpt"
     assert debug.is_file() and str(debug) in line
     state = torch.load(debug, weights_only=False)
     assert state["global_step"] == 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -102,13 +104,9 @@ def _number(value: Any) -> float | None:
 
 
 def _best_step(path: str) -> int | None:
-    stem = Path(path).stem
-    if "step=" in stem:
-        try:
-            return int(stem.split("step=")[-1].split("-")[0])
-        except ValueError:
-            return None
-    return None
+    """The step in a checkpoint name ``best-step<k>.ckpt`` (names avoid ``=``, which Hydra overrides reserve)."""
+    match = re.search(r"step=?(\d+)", Path(path).stem)
+    return int(match.group(1)) if match else None
 
 
 def make_results(
@@ -146,6 +144,18 @@ def make_results(
     }
 
 
+def test_best(trainer: L.Trainer, module: Any, datamodule: Any, best: str) -> list[dict]:
+    """Test the best checkpoint (the module as it is without one), loading it with ``weights_only=True``
+    unless it holds more than tensors and plain containers (a method's extra state may)."""
+    if not best:
+        return trainer.test(module, datamodule=datamodule)
+    try:
+        return trainer.test(module, datamodule=datamodule, ckpt_path="best", weights_only=True)
+    except pickle.UnpicklingError:
+        log.info("%s holds more than weights; loading it with weights_only=False (it is this run's own file)", best)
+        return trainer.test(module, datamodule=datamodule, ckpt_path="best", weights_only=False)
+
+
 @exit_on_user_error
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; return the content of ``results.json``."""
@@ -174,7 +184,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=False)
+    tested = test_best(trainer, module, datamodule, best)
     results = make_results(cfg, module, datamodule, trainer, tested[0] if tested else {}, train_seconds, output_dir)
     atomic_write_json(output_dir / RESULTS_FILE, results)
     metrics = results["metrics"]

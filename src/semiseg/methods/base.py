@@ -93,6 +93,11 @@ class SemiSupervisedModule(L.LightningModule):
                 f"method '{name or type(self).__name__}' has no option(s) {sorted(method_options)}; "
                 "check the spelling of method.<key> overrides"
             )
+        # plain containers only, so that checkpoints load with torch.load(weights_only=True)
+        model, optimizer, scheduler, loss, evaluation, numerics = map(
+            _plain, (model, optimizer, scheduler, loss, evaluation, numerics)
+        )
+        class_names = list(class_names)
         self.save_hyperparameters(logger=False)
         self.model_config = dict(_plain(model))
         self.model_name = self.model_config.pop("name", None)
@@ -227,11 +232,11 @@ class SemiSupervisedModule(L.LightningModule):
         )
 
     def save_debug_checkpoint(self) -> str:
-        """Save the state at the faulty step as ``debug-nonfinite-step=<k>.ckpt`` beside the run's checkpoints."""
+        """Save the state at the faulty step as ``debug-nonfinite-step<k>.ckpt`` beside the run's checkpoints."""
         trainer = self.trainer
         callback = trainer.checkpoint_callback
         folder = Path(getattr(callback, "dirpath", None) or trainer.default_root_dir)
-        path = folder / f"debug-nonfinite-step={self.global_step}.ckpt"
+        path = folder / f"debug-nonfinite-step{self.global_step}.ckpt"
         trainer.save_checkpoint(path)
         return str(path)
 
@@ -258,6 +263,16 @@ class SemiSupervisedModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make checkpoints self-describing: ``python -m semiseg.evaluate`` rebuilds the method from them."""
+        checkpoint["semiseg"] = {
+            "method_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "method": self.method_name,
+            "model": self.model_name,
+            "class_names": list(self.class_names),
+        }
 
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,6 +89,22 @@ def build_module(cfg: DictConfig) -> Any:
             f"dataset.image_size=[{height},{width}] must be a multiple of {divisor} for model={cfg.model.name}; "
             f"e.g. dataset.image_size=[{fixed[0]},{fixed[1]}]"
         )
+    return module
+
+
+def apply_performance(module: Any, performance: DictConfig | None) -> Any:
+    """Opt-in fast paths: ``channels_last`` memory format and ``torch.compile`` of every trainable network
+    (with ``compile_fallback: true``, a network that fails to compile runs eagerly instead of failing the run)."""
+    if not performance:
+        return module
+    if performance.get("channels_last"):
+        module = module.to(memory_format=torch.channels_last)
+    if performance.get("compile"):
+        if performance.get("compile_fallback", True):
+            torch._dynamo.config.suppress_errors = True
+        for name, child in list(module.named_children()):
+            if any(p.requires_grad for p in child.parameters()):
+                setattr(module, name, torch.compile(child, mode=performance.get("compile_mode")))
     return module
 
 
@@ -168,7 +185,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg, method_class)
     datamodule.save_split(output_dir / SPLIT_FILE)
     log.info("split %s", datamodule.split.sizes())
-    module = build_module(cfg)
+    module = apply_performance(build_module(cfg), cfg.get("performance"))
 
     callbacks = build_list(cfg.get("callbacks"))
     loggers = build_list(cfg.get("logger"))

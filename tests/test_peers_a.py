@@ -139,6 +139,8 @@ def test_teacher_gets_no_gradient_and_is_not_counted_as_trainable(make_cfg) -> N
     assert all(not p.requires_grad and p.grad is None for p in module.teacher.parameters())
     student_params = sum(p.numel() for p in module.net.parameters())
     assert module.num_params_train == module.num_params == student_params
+    module.inference = "teacher"
+    assert module.inference_network is module.teacher.module and module.num_params == student_params
 
 
 def test_ema_update_moves_the_teacher_towards_the_student(make_cfg) -> None:

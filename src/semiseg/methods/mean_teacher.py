@@ -107,6 +107,11 @@ class MeanTeacher(SemiSupervisedModule):
     def inference_network(self) -> nn.Module:
         return self.net if self.inference == "student" else self.teacher.module
 
+    @property
+    def num_params(self) -> int:
+        """The student's trainable parameters: the teacher has the same architecture (its copies are frozen)."""
+        return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
+
     # ---- pieces the UA-MT subclass reuses ----------------------------------------------------------
     def noised(self, image: torch.Tensor) -> torch.Tensor:
         """``image (B, C, H, W)`` plus a fresh draw of the clipped Gaussian input noise."""

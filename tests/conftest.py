@@ -54,10 +54,12 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 @pytest.fixture(scope="session")
 def fake_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir holding every fake dataset in its official layout."""
+    from data.make_fake_datasets import make_fake_all
     from data.make_fake_mtiles import make_fake_mtiles
 
     root = tmp_path_factory.mktemp("data")
     make_fake_mtiles(root / "MTiles_data")
+    make_fake_all(root)  # NEU_data, DAGM_data, KoSDD2_data, Folder_data
     return root
 
 

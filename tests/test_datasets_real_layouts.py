@@ -60,9 +60,7 @@ def test_mask_index_is_cached_and_refreshed_when_a_mask_changes(tmp_path: Path, 
     assert len(files) == 1
     scanned: list[str] = []
     original = index_cache.scan_mask
-    monkeypatch.setattr(
-        "semiseg.data.datasets.neu.scan_mask", lambda d, s: scanned.append(s.id) or original(d, s)
-    )
+    monkeypatch.setattr("semiseg.data.datasets.neu.scan_mask", lambda d, s: scanned.append(s.id) or original(d, s))
     second = NEUSeg(root, cache_dir=cache)
     assert scanned == [] and [s.classes for s in second.train_samples] == [s.classes for s in first.train_samples]
     mask_path = root / "annotations" / "training" / f"{first.train_samples[0].id.split('/')[1]}.png"
@@ -155,7 +153,7 @@ def test_dagm_errors(tmp_path: Path) -> None:
     root = make_fake_dagm(tmp_path / "d" / "DAGM_data", classes=(1,))
     (root / "Class1" / "Train" / "0001.PNG").write_bytes(b"broken")
     dataset = DAGM2007(root, classes=[1], class_names=["background", "a"])  # nothing decoded at start-up
-    with pytest.raises(DataError, match="0001.PNG: cannot read this image"):
+    with pytest.raises(DataError, match=r"0001.PNG: cannot read this image"):
         dataset.load(next(s for s in dataset.train_samples if s.id.endswith("/0001")))
 
 
@@ -196,7 +194,7 @@ def test_kosdd2_non_square_size_batches_without_rotations(tmp_path: Path) -> Non
 
 
 def test_kosdd2_errors(tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotFoundError, match="vicos.si"):
+    with pytest.raises(DatasetNotFoundError, match=r"vicos.si"):
         KolektorSDD2(tmp_path / "KoSDD2_data")
     root = make_fake_kosdd2(tmp_path / "a" / "KoSDD2_data", train=3, test=1)
     (root / "train" / "10001_GT.png").unlink()
@@ -255,7 +253,7 @@ def test_folder_errors(tmp_path: Path) -> None:
         ImageFolder(root, mask_values=None, ignore_index=254)
     with pytest.raises(DataError, match=r"mask values \[255\] are not in dataset.mask_values=\{0: 0, 128: 1\}"):
         ImageFolder(root, mask_values={0: 0, 128: 1}, ignore_index=254)
-    with pytest.raises(ConfigError, match="dataset.mask_values"):
+    with pytest.raises(ConfigError, match=r"dataset.mask_values"):
         ImageFolder(root, mask_values={0: 0, 255: 5})
     cv2.imwrite(str(root / "images" / "part_00.bmp"), np.zeros((36, 36, 3), np.uint8))
     with pytest.raises(DataError, match="two files named 'part_00'"):
@@ -275,7 +273,7 @@ def test_folder_errors(tmp_path: Path) -> None:
     cv2.imwrite(str(root / "masks" / "part_02.png"), np.zeros((10, 36), np.uint8))
     with pytest.raises(DataError, match=r"part_02.png: mask is 36x10 but its image"):
         ImageFolder(root, mask_values=BINARY)
-    with pytest.raises(DatasetNotFoundError, match="dataset.root"):
+    with pytest.raises(DatasetNotFoundError, match=r"dataset.root"):
         ImageFolder(tmp_path / "empty")
 
 

@@ -164,7 +164,9 @@ def fetch(url: str, destination: Path, label: str) -> None:
                     progress.update(task, advance=len(chunk))
     except (urllib.error.URLError, OSError) as error:
         partial.unlink(missing_ok=True)
-        raise DownloadError(f"{url}: download failed ({error}); check the network or pass a mirror with --url") from None
+        raise DownloadError(
+            f"{url}: download failed ({error}); check the network or pass a mirror with --url"
+        ) from None
     os.replace(partial, destination)
 
 
@@ -173,7 +175,9 @@ def check_checksum(archive: Path, url: str, expected: str | None, data_dir: Path
     actual = sha256_of(archive)
     record_path = data_dir / CHECKSUM_FILE
     records = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    reference, where = (expected, "--sha256 / the published value") if expected else (records.get(url), str(record_path))
+    reference, where = (
+        (expected, "--sha256 / the published value") if expected else (records.get(url), str(record_path))
+    )
     if reference is None:
         records[url] = actual
         write_json(record_path, records)
@@ -278,7 +282,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m semiseg.data.download", description="Download and unpack the public defect datasets."
     )
-    parser.add_argument("names", nargs="+", choices=[*SOURCES, "all"], metavar="NAME", help=f"{', '.join(SOURCES)} or all")
+    parser.add_argument(
+        "names", nargs="+", choices=[*SOURCES, "all"], metavar="NAME", help=f"{', '.join(SOURCES)} or all"
+    )
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SEMISEG_DATA_DIR", "data")))
     parser.add_argument("--url", help="a mirror of the archive (one dataset only)")
     parser.add_argument("--sha256", help="expected SHA-256 of the archive (one dataset only)")
@@ -295,7 +301,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     for name in args.names:
-        download(name, args.data_dir, url=args.url, sha256=args.sha256, force=args.force, keep_archive=args.keep_archive)
+        download(
+            name, args.data_dir, url=args.url, sha256=args.sha256, force=args.force, keep_archive=args.keep_archive
+        )
 
 
 if __name__ == "__main__":

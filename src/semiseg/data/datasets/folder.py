@@ -133,7 +133,9 @@ class ImageFolder(DefectDataset):
         for folder in (image_dir, mask_dir):
             if not folder.is_dir():
                 raise DataError(f"{folder}: folder missing; expected {LAYOUT}")
-        pairs = pair_files(index_images(image_dir), index_images(mask_dir), self.root, "images/<name> with masks/<name>")
+        pairs = pair_files(
+            index_images(image_dir), index_images(mask_dir), self.root, "images/<name> with masks/<name>"
+        )
         labeled = {key: Sample(key, image, mask) for key, image, mask in pairs}
         pools = self._apply_split_files(labeled)
         self.train_samples = self.mask_index.with_classes(pools["train"], lambda s: scan_mask(self, s))

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,11 +27,23 @@ from PIL import Image
 
 from semiseg.data.datasets.base import DefectDataset, Sample
 from semiseg.errors import DataError
-from semiseg.io import WriteError, atomic_write_json
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` through a temporary file and a rename (no torch import, unlike ``semiseg.io``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            json.dump(data, handle)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def image_size(path: Path) -> tuple[int, int]:
@@ -103,15 +116,17 @@ class MaskIndex:
             entry = cached.get(key)
             if entry is None or entry[0] != stat.st_size or entry[1] != stat.st_mtime_ns:
                 if scanned == 0:
-                    log.info("indexing masks (first use or changed files)%s", f"; cache {self.path}" if self.path else "")
+                    log.info(
+                        "indexing masks (first use or changed files)%s", f"; cache {self.path}" if self.path else ""
+                    )
                 entry = [stat.st_size, stat.st_mtime_ns, sorted(int(c) for c in scan(sample))]
                 scanned += 1
             entries[key] = entry
             out.append(replace(sample, classes=frozenset(entry[2])))
         if self.path is not None and (scanned or not set(entries) <= set(cached)):
             try:
-                atomic_write_json(self.path, {"version": INDEX_VERSION, "masks": entries})
-            except WriteError as error:  # a cache is a convenience: the run goes on without it
+                write_json(self.path, {"version": INDEX_VERSION, "masks": entries})
+            except OSError as error:  # a cache is a convenience: the run goes on without it
                 log.warning("mask index not cached: %s", error)
         if scanned:
             log.info("indexed %d masks", scanned)

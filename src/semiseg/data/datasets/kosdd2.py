@@ -55,7 +55,9 @@ class KolektorSDD2(DefectDataset):
         name: str = "kosdd2",
     ) -> None:
         if len(class_names) != 2:
-            raise ConfigError(f"dataset.class_names={list(class_names)}: KolektorSDD2 has two classes, e.g. [background, defect]")
+            raise ConfigError(
+                f"dataset.class_names={list(class_names)}: KolektorSDD2 has two classes, e.g. [background, defect]"
+            )
         if not 1 <= mask_threshold <= 255:
             raise ConfigError(f"dataset.source.mask_threshold={mask_threshold} must lie in [1, 255]")
         self.root = Path(root)

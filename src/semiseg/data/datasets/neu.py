@@ -75,7 +75,9 @@ class NEUSeg(DefectDataset):
                     raise DataError(f"{folder}: folder missing; NEU-Seg needs {LAYOUT}")
             images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
             masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-            pairs = pair_files(images, masks, image_dir, f"images/{folder_name}/<id>.jpg with annotations/{folder_name}/<id>.png")
+            pairs = pair_files(
+                images, masks, image_dir, f"images/{folder_name}/<id>.jpg with annotations/{folder_name}/<id>.png"
+            )
             samples = [Sample(f"{folder_name}/{stem}", image, mask) for stem, image, mask in pairs]
             pools[folder_name] = self.mask_index.with_classes(samples, lambda s: scan_mask(self, s))
         self.train_samples = pools["training"]

@@ -119,8 +119,8 @@ SOURCES: dict[str, Source] = {
             url=None,
             sha256=None,
             markers=("Class1",),
-            manual="download the archives Class1 ... Class6 (and Class7-10 if wanted) from that page (it asks you "
-            "to accept its terms), and unpack each so that {root}/Class<k>/Train/Label/Labels.txt exists",
+            manual="download the archives Class1 ... Class6 (and Class7-10 if wanted) from that page and unpack "
+            "each so that {root}/Class<k>/Train/Label/Labels.txt exists",
         ),
     )
 }

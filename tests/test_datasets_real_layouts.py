@@ -293,3 +293,14 @@ def test_every_dataset_trains_with_fast_dev_run(name: str, size: str, make_cfg, 
     assert results["dataset"] == name and results["steps"] == 1
     assert (tmp_path / "cache").exists() == (name != "dagm")  # DAGM needs no mask index
     assert torch.isfinite(torch.tensor(results["metrics"]["test/mIoU_all"]))
+
+
+def test_unreadable_masks_are_named_at_indexing(tmp_path: Path) -> None:
+    root = make_fake_kosdd2(tmp_path / "KoSDD2_data", train=3, test=1)
+    (root / "train" / "10001_GT.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"10001_GT.png: cannot read this mask file"):
+        KolektorSDD2(root)
+    root = make_fake_folder(tmp_path / "mine", labeled=3)
+    (root / "masks" / "part_01.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"part_01.png: cannot read this mask file"):
+        ImageFolder(root, mask_values=BINARY)

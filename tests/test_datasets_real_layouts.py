@@ -304,3 +304,19 @@ def test_unreadable_masks_are_named_at_indexing(tmp_path: Path) -> None:
     (root / "masks" / "part_01.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"part_01.png: cannot read this mask file"):
         ImageFolder(root, mask_values=BINARY)
+
+
+def test_folder_mask_values_from_the_command_line(make_cfg, fake_data_dir: Path) -> None:
+    from hydra.utils import instantiate
+
+    cfg = make_cfg(
+        "dataset=folder",
+        f"paths.data_dir={fake_data_dir}",
+        "dataset.class_names=[background,a,b]",
+        "dataset.mask_values=[[0,0],[128,1],[255,2]]",
+    )
+    dataset = instantiate(cfg.dataset.source, _convert_="all")
+    assert dataset.mask_values == {0: 0, 128: 1, 255: 2}
+    assert {c for s in dataset.train_samples for c in s.classes} == {2}
+    with pytest.raises(ConfigError, match=r"pairs \[\[stored, class\], ...\]"):
+        ImageFolder(fake_data_dir / "Folder_data", mask_values=[[0, 0, 1]])

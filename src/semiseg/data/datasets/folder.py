@@ -8,8 +8,9 @@
     <root>/splits/test.txt                      when train.txt exists, else they form the train pool.
 
 Masks are single-channel label images (grayscale or palette PNG). ``mask_values`` maps stored values to
-class indices (e.g. ``{0: 0, 255: 1}`` for black/white masks); without it the stored values are the class
-indices. A stored value that the mapping does not name is an error naming the file and the values,
+class indices, as ``[[stored, class], ...]`` pairs (a list replaces cleanly on the command line) or a dict
+(e.g. ``[[0, 0], [255, 1]]`` or ``{0: 0, 255: 1}`` for black/white masks); without it the stored values are
+the class indices. A stored value that the mapping does not name is an error naming the file and the values,
 except ``ignore_index``, which stays unlabeled. Without ``test.txt`` the DataModule carves a seeded
 ``test_fraction``; without ``val.txt`` a ``val_fraction``. The classes of each image are read from its
 mask once and cached (:mod:`semiseg.data.datasets.index_cache`).
@@ -70,7 +71,8 @@ class ImageFolder(DefectDataset):
     Args:
         root: the folder holding ``images/`` and ``masks/``.
         class_names: names of all classes, background first; index i is class i.
-        mask_values: stored mask value -> class index (``None``: stored values are class indices).
+        mask_values: stored mask value -> class index, as a dict or ``[[stored, class], ...]`` pairs
+            (``None``: stored values are class indices).
         in_channels: 1 (grayscale) or 3 (RGB).
         ignore_index: class index of unlabeled pixels (a stored value equal to it stays unlabeled).
         cache_dir: where the mask index is cached (``None``: no cache).
@@ -80,7 +82,7 @@ class ImageFolder(DefectDataset):
         self,
         root: str | Path,
         class_names: Sequence[str] = ("background", "defect"),
-        mask_values: Mapping[int, int] | None = None,
+        mask_values: Mapping[int, int] | Sequence[Sequence[int]] | None = None,
         in_channels: int = 3,
         ignore_index: int = 255,
         cache_dir: str | Path | None = None,
@@ -98,15 +100,17 @@ class ImageFolder(DefectDataset):
 
     @staticmethod
     def _check_mapping(
-        mask_values: Mapping[int, int] | None, num_classes: int, ignore_index: int
+        mask_values: Mapping[int, int] | Sequence[Sequence[int]] | None, num_classes: int, ignore_index: int
     ) -> dict[int, int] | None:
         if mask_values is None:
             return None
         try:
-            mapping = {int(k): int(v) for k, v in dict(mask_values).items()}
+            pairs = mask_values.items() if isinstance(mask_values, Mapping) else mask_values
+            mapping = {int(k): int(v) for k, v in pairs}
         except (TypeError, ValueError):
             raise ConfigError(
-                f"dataset.mask_values={mask_values!r} must map stored values to class indices, e.g. {{0: 0, 255: 1}}"
+                f"dataset.mask_values={mask_values!r} must map stored values to class indices: pairs "
+                "[[stored, class], ...] such as [[0, 0], [255, 1]], or null"
             ) from None
         bad = {k: v for k, v in mapping.items() if not (0 <= v < num_classes or v == ignore_index)}
         if bad or any(not 0 <= k < 65536 for k in mapping):

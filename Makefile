@@ -44,5 +44,8 @@ bench: $(STAMP)  ## print speed and memory figures: data pipeline, then every me
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/methods.py $(ARGS)
 
+data: $(STAMP)  ## download the public datasets into SEMISEG_DATA_DIR (or ./data); ARGS="kosdd2 ..." (default: all)
+	$(BIN)/python -m semiseg.data.download $(or $(ARGS),all)
+
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -81,6 +81,16 @@ def missing_dataset(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
     return ["dataset=mtiles", f"paths.data_dir={tmp_path / 'nowhere'}"], f"not found at {tmp_path / 'nowhere'}"
 
 
+def unexpected_mask_values(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
+    shutil.copytree(fake / "Folder_data", tmp_path / "data" / "Folder_data")
+    mask = sorted((tmp_path / "data" / "Folder_data" / "masks").glob("*.png"))[0]
+    values = cv2.imread(str(mask), cv2.IMREAD_UNCHANGED)
+    values[:4, :4] = 7
+    cv2.imwrite(str(mask), values)
+    overrides = ["dataset=folder", f"paths.data_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    return [*overrides, "dataset.image_size=[32,32]"], f"{mask.name}"
+
+
 def split_with_unknown_image(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
     bad = tmp_path / "split.json"
     bad.write_text(json.dumps({"labeled": ["nope"], "unlabeled": [], "val": [], "test": []}))
@@ -125,6 +135,7 @@ CASES: dict[str, Callable[[Path, Path], tuple[list[str], str]]] = {
     "mask without image": orphan_mask,
     "unreadable image": unreadable_image,
     "mask size differs from image": size_mismatch,
+    "mask values outside the classes": unexpected_mask_values,
 }
 HYDRA_ERRORS = {"unknown method", "mistyped key"}
 

@@ -269,3 +269,18 @@ def test_comparison_experiment_sets_the_protocol_for_consistency_methods_only(ma
     assert (fixmatch.method.weight, fixmatch.method.threshold) == (1.0, 0.95)
     assert make_cfg("method=cct", fast=False).method.weight == 30.0
     assert not math.isnan(make_cfg("experiment=comparison_cpu", "method=ucc", fast=False).method.rampup_steps)
+
+
+def test_comparison_sweeps_every_method_ratio_and_seed() -> None:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from semiseg.train import CONFIG_DIR
+
+    params = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / "comparison.yaml").hydra.sweeper.params
+    methods = params.method.split(",")
+    assert set(methods) == {
+        "supervised", "uaps", "mean_teacher", "uamt", "cct", "cps", "dct", "ucc", "fixmatch", "unimatch",
+    }  # fmt: skip
+    assert params.labeled_ratio.split(",") == ["0.1", "0.3", "0.5"] and params.seed.split(",") == ["0", "1", "2"]

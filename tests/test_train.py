@@ -129,3 +129,7 @@ def test_channels_last_and_bf16_run(make_cfg) -> None:
 def test_compile_runs(make_cfg) -> None:
     results = train(make_cfg("performance.compile=true"))
     assert results["steps"] == 2
+
+
+def test_logger_none_runs(make_cfg) -> None:
+    assert train(make_cfg("logger=none"))["steps"] == 2

@@ -19,6 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from semiseg.errors import ConfigError, exit_on_user_error, run_hydra_app
@@ -189,6 +190,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = build_list(cfg.get("callbacks"))
     loggers = build_list(cfg.get("logger"))
+    if not loggers:  # logger=none: callbacks that only feed a logger have nothing to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], _convert_="all"
     )

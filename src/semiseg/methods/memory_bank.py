@@ -122,6 +122,10 @@ class ClassQueues(nn.Module):
         """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
+        with torch.autocast(device_type=keys.device.type, enabled=False):  # CPU autocast rejects float16 cat
+            return self._push(class_index, keys, gather)
+
+    def _push(self, class_index: int, keys: torch.Tensor, gather: bool) -> int:
         keys = keys.detach()
         if gather:
             keys = all_gather_rows(keys)

@@ -299,6 +299,27 @@ def contrastive_loss(
     ``representation`` (student, with gradient) and ``teacher_representation``: ``(B, D, h, w)``.
     Returns the loss (a zero tied to the graph when no class qualifies) and the number of classes used.
     """
+    with torch.autocast(device_type=representation.device.type, enabled=False):  # float32 similarities
+        return _contrastive_loss(
+            representation.float(),
+            teacher_representation.float(),
+            pixels,
+            queues,
+            num_queries,
+            num_negatives,
+            temperature,
+        )
+
+
+def _contrastive_loss(
+    representation: torch.Tensor,
+    teacher_representation: torch.Tensor,
+    pixels: ContrastivePixels,
+    queues: ClassQueues,
+    num_queries: int,
+    num_negatives: int,
+    temperature: float,
+) -> tuple[torch.Tensor, int]:
     student = representation.permute(0, 2, 3, 1)  # (B, h, w, D)
     teacher = teacher_representation.detach().permute(0, 2, 3, 1)
     for c in range(queues.num_classes):  # every class, every step: all ranks must take part in the gather

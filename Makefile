@@ -40,8 +40,9 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-bench: $(STAMP)  ## print throughput figures (benchmarks/)
-	$(BIN)/python benchmarks/throughput.py $(ARGS)
+bench: $(STAMP)  ## print speed and memory figures: data pipeline, then every method (benchmarks/)
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/methods.py $(ARGS)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

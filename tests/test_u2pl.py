@@ -328,3 +328,18 @@ def test_representation_and_logits_shapes(make_cfg) -> None:
     assert logits.shape == (2, module.num_classes, 32, 32)
     assert representation.shape == (2, 256, 8, 8)
     assert F.softmax(logits, 1).sum(1).allclose(torch.ones(2, 32, 32))
+
+
+def test_checkpoint_loads_weights_only_with_its_queues(make_cfg, tmp_path: Path) -> None:
+    from semiseg.evaluate import load_checkpoint, load_module
+
+    cfg = make_cfg(*TINY, "method.anchor_threshold=0.0")
+    train(cfg)
+    path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint(path, trust=False)  # torch.load(weights_only=True)
+    queues = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("memory.queue_")}
+    assert queues and all(v.dtype == torch.float16 for v in queues.values())
+    assert sum(v.shape[0] for v in queues.values()) > 0
+    module = load_module(path, checkpoint, None)
+    assert isinstance(module, U2PL)
+    assert all(torch.equal(module.memory.queue(int(k.rsplit("_", 1)[1])), v) for k, v in queues.items())

@@ -411,6 +411,9 @@ class U2PL(SemiSupervisedModule):
         inference: str = "teacher",
         **base: Any,
     ) -> None:
+        # plain containers only, so that checkpoints load with torch.load(weights_only=True)
+        cutmix, ohem = _plain(cutmix), _plain(ohem)
+        base = {key: _plain(value) for key, value in base.items()}
         checks = {
             "supervised_loss": (supervised_loss, ("ce", "ohem", "shared")),
             "prototype_pixels": (prototype_pixels, ("anchors", "reliable")),
@@ -445,9 +448,9 @@ class U2PL(SemiSupervisedModule):
         self.num_negatives = num_negatives
         self.temperature = temperature
         self.prototype_pixels = prototype_pixels
-        self.cutmix = {**DEFAULT_CUTMIX, **dict(_plain(cutmix) or {})}
+        self.cutmix = {**DEFAULT_CUTMIX, **dict(cutmix or {})}
         self.supervised_loss_name = supervised_loss
-        self.ohem = {**DEFAULT_OHEM, **dict(_plain(ohem) or {})}
+        self.ohem = {**DEFAULT_OHEM, **dict(ohem or {})}
         self.head_lr_multiplier = head_lr_multiplier
         self.supervised_only_steps = supervised_only_steps
         self.inference = inference

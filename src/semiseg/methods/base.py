@@ -17,6 +17,7 @@ method returns is logged as ``train/<name>``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -178,6 +179,11 @@ class SemiSupervisedModule(L.LightningModule):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def optimizer_parameter_groups(self) -> list[Any]:
+        """The optimizer's ``params``: every trainable parameter, or parameter groups (dicts with their own
+        ``lr``, e.g. U2PL's 10x head learning rate) when a method overrides this."""
+        return list(self.trainable_parameters())
+
     @property
     def num_params(self) -> int:
         return count_trainable_parameters(self.inference_network)
@@ -276,7 +282,7 @@ class SemiSupervisedModule(L.LightningModule):
 
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        optimizer = _factory(self.optimizer_config)(params=list(self.trainable_parameters()))
+        optimizer = _factory(self.optimizer_config)(params=self.optimizer_parameter_groups())
         if not self.scheduler_config:
             return optimizer
         scheduler_config = dict(self.scheduler_config)
@@ -285,6 +291,8 @@ class SemiSupervisedModule(L.LightningModule):
             raise ConfigError("scheduler needs a 'scheduler' entry (a partial config with _target_)")
         if self.trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
             factory = _fill_total_steps(factory, self.trainer.max_steps)
+        elif self.trainer is not None and math.isfinite(self.trainer.estimated_stepping_batches):
+            factory = _fill_total_steps(factory, int(self.trainer.estimated_stepping_batches))  # budget in epochs
         scheduler_config["scheduler"] = _factory(factory)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
 

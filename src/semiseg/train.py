@@ -81,6 +81,7 @@ def build_module(cfg: DictConfig) -> Any:
         evaluation=cfg.evaluation,
         numerics=cfg.get("numerics"),
         _recursive_=False,
+        _convert_="all",  # plain containers: hyperparameters pickle cleanly and checkpoints load weights_only
     )
     divisor = getattr(module.inference_network, "size_divisor", 1)
     height, width = cfg.dataset.image_size

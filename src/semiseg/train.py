@@ -15,7 +15,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from semiseg.errors import ConfigError, exit_on_user_error
@@ -136,6 +136,8 @@ def make_results(
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; return the content of ``results.json``."""
     check_config(cfg)
+    if cfg.method.get("driver"):  # methods that train in generations (self-training) run a driver of fits
+        return get_method(cfg.method.driver)(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

@@ -260,7 +260,7 @@ class SelfTrainingRun:
         if resume:
             log.info("generation %d student %d: resuming from %s", generation, index, resume)
         started = time.perf_counter()
-        trainer.fit(module, datamodule=self.datamodule, ckpt_path=resume)
+        trainer.fit(module, datamodule=self.datamodule, ckpt_path=resume, weights_only=False)
         seconds = time.perf_counter() - started
         checkpoint = trainer.checkpoint_callback
         best_path = getattr(checkpoint, "best_model_path", "") if checkpoint else ""

@@ -247,3 +247,18 @@ def test_resume_in_the_middle_of_a_generation(make_cfg, tmp_path: Path, monkeypa
     assert record["resumed_from"] == "generation_1/student_1/checkpoints/last.ckpt"
     assert record["steps"] == 3
     assert len(results["generations"]) == 2
+
+
+# ---- the paper's U-Net --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("alpha", "expected"), [(0.5, 170_818), (2.0, 2_714_626)])
+def test_im_unet_size_and_shape(alpha: float, expected: int) -> None:
+    from semiseg.models.base import count_trainable_parameters
+    from semiseg.models.im_unet import IMUNet
+
+    network = IMUNet(in_channels=3, num_classes=2, width_multiplier=alpha)
+    # trainable parameters; Keras also counts the BatchNorm running statistics (the paper's 0.17 M / 2.72 M)
+    assert count_trainable_parameters(network) == expected
+    batch_norm_statistics = sum(2 * m.num_features for m in network.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert round((expected + batch_norm_statistics) / 1e6, 2) == (0.17 if alpha == 0.5 else 2.72)
+    assert network(torch.zeros(2, 3, 32, 48)).shape == (2, 2, 32, 48)
+    assert len(network.encode(torch.zeros(1, 3, 32, 32))) == 5

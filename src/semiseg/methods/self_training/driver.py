@@ -69,6 +69,8 @@ LOOP_KEYS = (
     "evalnet",
 )
 NOISY_STUDENT_KEYS = ("width_multiplier", "dropout", "input_noise_std", "strong_augmentation_prob")
+# model keys that Noisy Student's dropout schedule sets (im_unet's; other models keep their dropout)
+DROPOUT_KEYS = ("dropout", "dropout_encoder", "dropout_bottleneck", "dropout_decoder")
 STUDENT_FILE = "student.json"
 WEIGHTS_FILE = "model.pt"
 PSEUDO_FILE = "pseudo_labels.npz"
@@ -166,8 +168,10 @@ def student_config(cfg: DictConfig, output_dir: Path, schedule: Mapping[str, flo
                     f"method.noisy_student.width_multiplier needs a model with width_multiplier or channels; "
                     f"model={cfg.model.name} has neither (use model=im_unet or model=unet)"
                 )
-        if "dropout" in schedule and "dropout" in student.model:
-            student.model.dropout = schedule["dropout"]
+        if "dropout" in schedule:
+            for key in DROPOUT_KEYS:
+                if key in student.model:
+                    student.model[key] = schedule["dropout"]
         if "input_noise_std" in schedule:
             student.method.input_noise_std = schedule["input_noise_std"]
     return student

@@ -12,6 +12,14 @@ import torch
 
 from semiseg.methods.self_training.data import MaskedViewMaker, SelfTrainingSet
 from semiseg.methods.self_training.driver import SelfTrainingRun, student_config
+from semiseg.methods.self_training.evalnet import (
+    EvalNet,
+    copies_from_scores,
+    label_iou,
+    one_hot_labels,
+    perturb_mask,
+    score_pseudo_labels,
+)
 from semiseg.methods.self_training.masks import (
     binary_inconsistency_mask,
     inconsistency_mask,
@@ -25,6 +33,8 @@ from semiseg.methods.self_training.student import Student
 from semiseg.train import build_module, train
 
 TINY_LOOP = [
+    "model=im_unet",
+    "model.width_multiplier=0.25",
     "method.students_per_generation=2",
     "method.num_teachers=2",
     "trainer.max_steps=2",
@@ -262,3 +272,59 @@ def test_im_unet_size_and_shape(alpha: float, expected: int) -> None:
     assert round((expected + batch_norm_statistics) / 1e6, 2) == (0.17 if alpha == 0.5 else 2.72)
     assert network(torch.zeros(2, 3, 32, 48)).shape == (2, 2, 32, 48)
     assert len(network.encode(torch.zeros(1, 3, 32, 32))) == 5
+
+
+# ---- EvalNet ------------------------------------------------------------------------------------------
+class MeanScore(torch.nn.Module):
+    """A stand-in scorer with a known output: the mean of the image (one score per image)."""
+
+    def forward(self, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        assert labels.shape[1] == 3 and image.shape[0] == labels.shape[0]
+        return image.mean(dim=(1, 2, 3))
+
+
+def test_evalnet_filter_keeps_exactly_the_samples_above_the_threshold() -> None:
+    scores_wanted = np.array([0.2, 0.75, 0.76, 0.9, 1.0, 0.74])
+    count = len(scores_wanted)
+    pseudo = PseudoLabels(
+        ids=[f"u{i}" for i in range(count)],
+        labels=np.zeros((count, 4, 4), dtype=np.uint8),
+        masks=np.zeros((count, 4, 4), dtype=bool),
+        copies=np.ones(count, dtype=np.int64),
+        scores=np.full(count, np.nan),
+    )
+    images = torch.tensor(scores_wanted, dtype=torch.float32)[:, None, None, None].expand(count, 3, 4, 4)
+    batches = [(pseudo.ids[:4], images[:4]), (pseudo.ids[4:], images[4:])]
+    scores = score_pseudo_labels(MeanScore(), batches, pseudo, num_classes=3)
+    assert np.allclose(scores, scores_wanted)
+    copies = copies_from_scores(scores, threshold=0.75)
+    assert (copies > 0).tolist() == [False, False, True, True, True, False]
+    assert set(copies.tolist()) <= {0, 1}
+    with_extra = copies_from_scores(scores, threshold=0.75, max_extra_copies=4)
+    assert with_extra.tolist() == [0, 0, 1, 3, 5, 0]
+
+
+def test_evalnet_network_and_training_targets() -> None:
+    network = EvalNet(in_channels=3, num_classes=4, width_multiplier=0.25)
+    labels = one_hot_labels(torch.randint(0, 4, (2, 32, 32)), torch.zeros(2, 32, 32, dtype=torch.bool), 4)
+    score = network(torch.randn(2, 3, 32, 32), labels)
+    assert score.shape == (2,) and ((score >= 0) & (score <= 1)).all()
+    truth = np.zeros((32, 32), dtype=np.int64)
+    truth[8:16, 8:16] = 2
+    assert label_iou(truth, truth, 4, 255) == 1.0
+    shifted = np.roll(truth, 4, axis=1)
+    assert label_iou(shifted, truth, 4, 255) == pytest.approx(32 / 96)
+    rng = np.random.default_rng(0)
+    damaged = [label_iou(perturb_mask(truth, rng, 4, 255, prob=1.0), truth, 4, 255) for _ in range(10)]
+    assert all(0.0 <= d <= 1.0 for d in damaged) and min(damaged) < 1.0
+
+
+def test_im_plusplus_run_filters_with_evalnet(make_cfg, tmp_path: Path) -> None:
+    results = train(make_cfg("method=im_plusplus", "method.generations=1", "method.evalnet.max_steps=2", *TINY_LOOP))
+    entry = results["generations"][1]
+    evalnet = entry["pseudo_labels"]["evalnet"]
+    pseudo = PseudoLabels.load(tmp_path / "run" / "generation_1" / "pseudo_labels.npz")
+    assert evalnet["kept"] == int((pseudo.scores > 0.75).sum()) == entry["pseudo_labels"]["kept"]
+    assert (tmp_path / "run" / "evalnet" / "model.pt").is_file()
+    widths = [s["num_params"] for s in entry["students"]]
+    assert widths[0] > results["generations"][0]["students"][0]["num_params"]  # Noisy Student grows

@@ -227,6 +227,8 @@ def test_two_generation_run(make_cfg, tmp_path: Path) -> None:
     assert 0.0 <= results["metrics"]["test/pixel_acc"] <= 1.0
     pseudo = PseudoLabels.load(run_dir / "generation_1" / "pseudo_labels.npz")
     assert len(pseudo) == results["split"]["unlabeled"]
+    table = (run_dir / "generations.csv").read_text().splitlines()
+    assert table[0].startswith("generation,best_student,val/mIoU,test/mIoU") and len(table) == 4
 
 
 def test_resume_in_the_middle_of_a_generation(make_cfg, tmp_path: Path, monkeypatch) -> None:

@@ -76,6 +76,7 @@ WEIGHTS_FILE = "model.pt"
 PSEUDO_FILE = "pseudo_labels.npz"
 PSEUDO_SUMMARY_FILE = "pseudo_labels.json"
 GENERATION_FILE = "generation.json"
+GENERATION_TABLE = "generations.csv"
 
 
 @dataclass
@@ -457,12 +458,24 @@ class SelfTrainingRun:
             }
             atomic_write_json(self.output_dir / f"generation_{generation}" / GENERATION_FILE, entry)
             generations.append(entry)
+            self.write_generation_table(generations)
             log.info("generation %d: best student %d  %s %s  test/mIoU %s", generation, best["student"],
                      self.monitor, best["val"], entry["test/mIoU"])  # fmt: skip
             teachers = ranked[: options.num_teachers]
         results = self.results(best, generations)
         atomic_write_json(self.output_dir / RESULTS_FILE, results)
         return results
+
+    def write_generation_table(self, generations: list[dict[str, Any]]) -> None:
+        """``generations.csv``: one row per finished generation (the per-generation log)."""
+        columns = ["generation", "best_student", self.monitor, "test/mIoU", "test/mDice",
+                   "pseudo_label_coverage", "pseudo_label_iou_vs_ground_truth", "pseudo_labels_kept"]  # fmt: skip
+        lines = [",".join(columns)]
+        for entry in generations:
+            kept = (entry["pseudo_labels"] or {}).get("kept")
+            values = [entry.get(c) for c in columns[:-1]] + [kept]
+            lines.append(",".join("" if v is None else str(v) for v in values))
+        atomic_write_text(self.output_dir / GENERATION_TABLE, "\n".join(lines) + "\n")
 
     def results(self, best: dict[str, Any], generations: list[dict[str, Any]]) -> dict[str, Any]:
         """``results.json``: the suite's schema for the final generation's best student, plus ``generations``."""

@@ -14,6 +14,7 @@ Generation 0 trains ``students_per_generation`` students from scratch on the lab
 Run directory::
 
     split.json  config.yaml  results.json         # results.json gains a "generations" list
+    generations.csv                               # one row per finished generation
     evalnet/model.pt evalnet/evalnet.json         # IM++ / AIM++ only
     generation_<g>/pseudo_labels.npz              # g > 0: ids, labels, masks, copies, scores
     generation_<g>/pseudo_labels.json             # coverage, IoU vs the hidden ground truth (diagnostic)

@@ -330,3 +330,14 @@ def test_im_plusplus_run_filters_with_evalnet(make_cfg, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "evalnet" / "model.pt").is_file()
     widths = [s["num_params"] for s in entry["students"]]
     assert widths[0] > results["generations"][0]["students"][0]["num_params"]  # Noisy Student grows
+
+
+def test_aldt_adds_augmented_copies_of_every_labeled_image(make_cfg) -> None:
+    run = SelfTrainingRun(make_cfg("method=aldt"))
+    datamodule = run.datamodule
+    training_set = datamodule.training_set()
+    labeled = len(datamodule.parts["labeled"])
+    assert len(training_set) == labeled * 10
+    assert sorted({entry.copy for entry in training_set.entries}) == list(range(10))
+    item = training_set[0]
+    assert set(item) == {"image", "mask", "im", "id"} and not item["im"].any()

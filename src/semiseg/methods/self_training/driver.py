@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,6 @@ class LoopOptions:
     noisy_student: dict[str, list[float]] | None = None
     evalnet: dict[str, Any] | None = None
     fast_dev_run: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, method: Mapping[str, Any], fast_dev_run: bool = False) -> LoopOptions:
@@ -141,8 +140,9 @@ class LoopOptions:
             return {}
         share = generation / self.generations if self.generations else 0.0
         return {
-            key: float(first + (last - first) * share)
-            for key, (first, last) in ((k, v) for k, v in self.noisy_student.items() if v is not None)
+            key: float(ends[0] + (ends[1] - ends[0]) * share)
+            for key, ends in self.noisy_student.items()
+            if ends is not None
         }
 
 
@@ -290,7 +290,7 @@ class SelfTrainingRun:
             "checkpoint": _relative(best_path, self.output_dir),
             "weights": _relative(folder / WEIGHTS_FILE, self.output_dir),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
-            "method_overrides": {k: v for k, v in schedule.items()},
+            "method_overrides": dict(schedule),
             "num_params": int(module.num_params),
             "num_params_train": int(module.num_params_train),
             "resumed_from": _relative(resume, self.output_dir),

@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_method, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
@@ -179,6 +179,8 @@ def test_best(trainer: L.Trainer, module: Any, datamodule: Any, best: str) -> li
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; return the content of ``results.json``."""
     check_config(cfg)
+    if cfg.method.get("driver"):  # methods that train in generations (self-training) run a driver of fits
+        return get_method(cfg.method.driver)(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)

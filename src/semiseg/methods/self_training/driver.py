@@ -1,0 +1,522 @@
+"""The generation loop of the self-training family (IM, IM+, AIM+, IM++, AIM++, Noisy Student, the ensembles,
+Consistency Loss, ALDT): ``python -m semiseg.train method=im`` hands the run to :func:`run_self_training`.
+
+Generation 0 trains ``students_per_generation`` students from scratch on the labeled images (plus
+``labeled_copies`` augmented copies of each: ALDT/AIM). Every later generation ``g``:
+
+1. the best ``num_teachers`` students of generation ``g-1`` (by the validation metric) label the unlabeled
+   images offline (``pseudo_labeler``: ``inconsistency_mask``, ``model_ensemble``, ``input_ensemble`` or
+   ``single``); EvalNet, when configured, drops pseudo-labels whose predicted IoU is not above its
+   threshold and may add augmented copies of the confident ones;
+2. ``students_per_generation`` students are trained from scratch (each a normal Lightning fit of the
+   method's module) on the labeled ground truth plus the pseudo-labels.
+
+Run directory::
+
+    split.json  config.yaml  results.json         # results.json gains a "generations" list
+    generations.csv                               # one row per finished generation
+    evalnet/model.pt evalnet/evalnet.json         # IM++ / AIM++ only
+    generation_<g>/pseudo_labels.npz              # g > 0: ids, labels, masks, copies, scores
+    generation_<g>/pseudo_labels.json             # coverage, IoU vs the hidden ground truth (diagnostic)
+    generation_<g>/student_<j>/{checkpoints/, csv/, model.pt, student.json}
+    generation_<g>/generation.json
+
+Resuming: run the same command with ``hydra.run.dir=<the run dir>``. Finished students (``student.json``)
+and pseudo-labels are reused, an interrupted student continues from its ``checkpoints/last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from semiseg.data.datamodule import SplitDataset
+from semiseg.errors import ConfigError
+from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
+from semiseg.methods.self_training.data import SelfTrainingDataModule
+from semiseg.methods.self_training.masks import inconsistency_mask, input_ensemble_probs, model_ensemble
+from semiseg.methods.self_training.pseudo_labels import PseudoLabels, pseudo_label_quality
+from semiseg.methods.self_training.student import Student
+
+log = logging.getLogger("semiseg.self_training")
+
+PSEUDO_LABELERS = ("inconsistency_mask", "model_ensemble", "input_ensemble", "single")
+# keys of the method config that configure the loop, not the student module
+LOOP_KEYS = (
+    "driver",
+    "generations",
+    "num_teachers",
+    "students_per_generation",
+    "pseudo_labeler",
+    "binary_threshold",
+    "dilate_kernel",
+    "erode_kernel",
+    "labeled_copies",
+    "masked_input",
+    "noisy_student",
+    "evalnet",
+)
+NOISY_STUDENT_KEYS = ("width_multiplier", "dropout", "input_noise_std", "strong_augmentation_prob")
+# model keys that Noisy Student's dropout schedule sets (im_unet's; other models keep their dropout)
+DROPOUT_KEYS = ("dropout", "dropout_encoder", "dropout_bottleneck", "dropout_decoder")
+STUDENT_FILE = "student.json"
+WEIGHTS_FILE = "model.pt"
+PSEUDO_FILE = "pseudo_labels.npz"
+PSEUDO_SUMMARY_FILE = "pseudo_labels.json"
+GENERATION_FILE = "generation.json"
+GENERATION_TABLE = "generations.csv"
+
+
+@dataclass
+class LoopOptions:
+    """The loop's settings (``method.<key>``); see ``conf/method/im.yaml`` for their meaning."""
+
+    generations: int = 5
+    num_teachers: int = 2
+    students_per_generation: int = 5
+    pseudo_labeler: str = "inconsistency_mask"
+    binary_threshold: float = 0.5
+    dilate_kernel: int = 0
+    erode_kernel: int = 0
+    labeled_copies: int = 0
+    masked_input: str = "black"
+    noisy_student: dict[str, list[float]] | None = None
+    evalnet: dict[str, Any] | None = None
+    fast_dev_run: bool = False
+
+    @classmethod
+    def from_config(cls, method: Mapping[str, Any], fast_dev_run: bool = False) -> LoopOptions:
+        values = {key: method[key] for key in LOOP_KEYS if key in method and key != "driver"}
+        options = cls(**values, fast_dev_run=fast_dev_run)
+        options.check()
+        if fast_dev_run:  # check the whole pipeline cheaply: one student generation, just enough students
+            options.generations = min(options.generations, 1)
+            options.students_per_generation = max(1, options.num_teachers)
+        return options
+
+    def check(self) -> None:
+        for key in ("generations", "num_teachers", "students_per_generation", "dilate_kernel", "erode_kernel"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"method.{key}={value!r} must be a non-negative integer")
+        if self.num_teachers < 1 or self.students_per_generation < 1:
+            raise ConfigError("method.num_teachers and method.students_per_generation must be at least 1")
+        if self.pseudo_labeler not in PSEUDO_LABELERS:
+            raise ConfigError(f"method.pseudo_labeler={self.pseudo_labeler!r} must be one of {list(PSEUDO_LABELERS)}")
+        if self.pseudo_labeler == "inconsistency_mask" and self.num_teachers < 2:
+            raise ConfigError(
+                f"method.num_teachers={self.num_teachers}: an Inconsistency Mask needs 2 to 4 teachers; "
+                "e.g. method.num_teachers=2"
+            )
+        if self.num_teachers > self.students_per_generation:
+            raise ConfigError(
+                f"method.num_teachers={self.num_teachers} exceeds method.students_per_generation="
+                f"{self.students_per_generation}: the teachers are the best students of the previous generation"
+            )
+        if not 0.0 < self.binary_threshold < 1.0:
+            raise ConfigError(f"method.binary_threshold={self.binary_threshold} must lie in (0, 1)")
+        for key, value in (self.noisy_student or {}).items():
+            if key not in NOISY_STUDENT_KEYS:
+                raise ConfigError(f"method.noisy_student.{key} is unknown; the schedule has {list(NOISY_STUDENT_KEYS)}")
+            if value is not None and (not isinstance(value, list | tuple) or len(value) != 2):
+                raise ConfigError(f"method.noisy_student.{key}={value!r} must be [first generation, last generation]")
+
+    def schedule(self, generation: int) -> dict[str, float]:
+        """Noisy Student's values in ``generation``: linear from the first to the last generation."""
+        if not self.noisy_student:
+            return {}
+        share = generation / self.generations if self.generations else 0.0
+        return {
+            key: float(ends[0] + (ends[1] - ends[0]) * share)
+            for key, ends in self.noisy_student.items()
+            if ends is not None
+        }
+
+
+def student_seed(seed: int, generation: int, index: int) -> int:
+    """A distinct, reproducible seed for every student of every generation."""
+    return int(np.random.SeedSequence([seed, generation, index]).generate_state(1)[0])
+
+
+def student_config(cfg: DictConfig, output_dir: Path, schedule: Mapping[str, float]) -> DictConfig:
+    """The config of one student: the run's, with its own output dir, the loop keys removed and Noisy
+    Student's width, dropout and input noise applied."""
+    student = copy.deepcopy(cfg)
+    with open_dict(student):
+        student.paths.output_dir = str(output_dir)
+        for key in LOOP_KEYS:
+            student.method.pop(key, None)
+        if "width_multiplier" in schedule:
+            factor = schedule["width_multiplier"]
+            if "width_multiplier" in student.model:
+                student.model.width_multiplier = float(student.model.width_multiplier) * factor
+            elif "channels" in student.model:
+                student.model.channels = [max(1, round(c * factor)) for c in student.model.channels]
+            else:
+                raise ConfigError(
+                    f"method.noisy_student.width_multiplier needs a model with width_multiplier or channels; "
+                    f"model={cfg.model.name} has neither (use model=im_unet or model=unet)"
+                )
+        if "dropout" in schedule:
+            for key in DROPOUT_KEYS:
+                if key in student.model:
+                    student.model[key] = schedule["dropout"]
+        if "input_noise_std" in schedule:
+            student.method.input_noise_std = schedule["input_noise_std"]
+    return student
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _relative(path: str | Path | None, root: Path) -> str | None:
+    if not path:
+        return None
+    return str(Path(path).resolve().relative_to(root.resolve()))
+
+
+class SelfTrainingRun:
+    """One self-training experiment (all generations) in ``cfg.paths.output_dir``."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.paths.output_dir)
+        self.options = LoopOptions.from_config(
+            OmegaConf.to_container(cfg.method, resolve=True), bool(cfg.trainer.get("fast_dev_run"))
+        )
+        self.student_class = get_class(cfg.method._target_)
+        if not issubclass(self.student_class, Student):
+            raise ConfigError(
+                f"method._target_={cfg.method._target_} is not a self-training Student; the generation loop "
+                "trains semiseg.methods.self_training.student.Student (or a subclass)"
+            )
+        self.monitor = cfg.evaluation.monitor
+        self.maximize = cfg.evaluation.mode == "max"
+        self.datamodule = self._build_datamodule()
+        self.device = self._device()
+        self.seconds = 0.0
+
+    # ---- setup --------------------------------------------------------------------------------------
+    def _build_datamodule(self) -> SelfTrainingDataModule:
+        from semiseg.train import SPLIT_FILE
+
+        dataset = instantiate(self.cfg.dataset.source, _convert_="all")
+        data = OmegaConf.to_container(self.cfg.data, resolve=True)
+        data.pop("_target_")
+        datamodule = SelfTrainingDataModule(
+            dataset=dataset,
+            use_unlabeled=self.student_class.uses_unlabeled,
+            unlabeled_views=list(self.student_class.unlabeled_views),
+            labeled_copies=self.options.labeled_copies,
+            masked_input=self.options.masked_input,
+            **data,
+        )
+        if not datamodule.parts["unlabeled"] and self.options.generations > 0:
+            raise ConfigError(
+                f"labeled_ratio={self.cfg.labeled_ratio} leaves no unlabeled image to pseudo-label; "
+                "lower labeled_ratio or set method.generations=0"
+            )
+        datamodule.save_split(self.output_dir / SPLIT_FILE)
+        return datamodule
+
+    def _device(self) -> torch.device:
+        wants_gpu = str(self.cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
+        return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+
+    # ---- one student ----------------------------------------------------------------------------------
+    def train_student(self, generation: int, index: int, schedule: Mapping[str, float]) -> dict[str, Any]:
+        """Train (or reload, or resume) student ``index`` of ``generation``; return its record."""
+        from semiseg.train import build_list, build_module
+
+        folder = self.output_dir / f"generation_{generation}" / f"student_{index}"
+        record_path = folder / STUDENT_FILE
+        if record_path.is_file():
+            log.info("generation %d student %d: done earlier, reusing %s", generation, index, record_path)
+            return json.loads(record_path.read_text())
+        seed = student_seed(int(self.cfg.seed), generation, index)
+        L.seed_everything(seed, workers=True)
+        cfg = student_config(self.cfg, folder, schedule)
+        module = build_module(cfg)
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            callbacks=build_list(cfg.get("callbacks")),
+            logger=build_list(cfg.get("logger")) or False,
+            plugins=[AtomicCheckpointIO()],
+            _convert_="all",
+        )
+        last = folder / "checkpoints" / "last.ckpt"
+        resume = str(last) if last.is_file() else None
+        if resume:
+            log.info("generation %d student %d: resuming from %s", generation, index, resume)
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=self.datamodule, ckpt_path=resume, weights_only=False)
+        seconds = time.perf_counter() - started
+        checkpoint = trainer.checkpoint_callback
+        best_path = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
+        if best_path:
+            best_value = _finite(checkpoint.best_model_score)
+            tested = trainer.test(module, datamodule=self.datamodule, ckpt_path="best", weights_only=False)
+        else:  # no checkpoints (fast_dev_run): the final weights
+            validated = trainer.validate(module, datamodule=self.datamodule)
+            best_value = _finite(validated[0].get(self.monitor)) if validated else None
+            tested = trainer.test(module, datamodule=self.datamodule)
+        torch.save(module.state_dict(), folder / WEIGHTS_FILE)  # the best weights, loaded by trainer.test
+        metrics = tested[0] if tested else {}
+        record = {
+            "generation": generation,
+            "student": index,
+            "seed": seed,
+            "val": best_value,
+            "test_metrics": {k: _finite(v) for k, v in sorted(metrics.items()) if k.startswith("test/")},
+            "steps": int(trainer.global_step),
+            "train_seconds": round(seconds, 3),
+            "checkpoint": _relative(best_path, self.output_dir),
+            "weights": _relative(folder / WEIGHTS_FILE, self.output_dir),
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "method_overrides": dict(schedule),
+            "num_params": int(module.num_params),
+            "num_params_train": int(module.num_params_train),
+            "resumed_from": _relative(resume, self.output_dir),
+        }
+        atomic_write_json(record_path, record)
+        log.info("generation %d student %d: %s %s  test/mIoU %s", generation, index, self.monitor, best_value,
+                 record["test_metrics"].get("test/mIoU"))  # fmt: skip
+        return record
+
+    def load_student(self, record: Mapping[str, Any]) -> Student:
+        """The trained network of a student record, in eval mode on the labelling device."""
+        from semiseg.train import build_module
+
+        folder = self.output_dir / f"generation_{record['generation']}" / f"student_{record['student']}"
+        cfg = student_config(self.cfg, folder, record.get("method_overrides", {}))
+        module = build_module(cfg)
+        module.load_state_dict(torch.load(self.output_dir / record["weights"], map_location="cpu"))
+        return module.to(self.device).eval()
+
+    def rank(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Students best first by the validation metric (missing values last)."""
+
+        def key(record: dict[str, Any]) -> float:
+            value = record.get("val")
+            if value is None:
+                return math.inf
+            return -value if self.maximize else value
+
+        return sorted(records, key=key)
+
+    # ---- pseudo-labels -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def label_unlabeled(self, teachers: list[Student]) -> PseudoLabels:
+        """Run the teachers over the unlabeled images (resized, normalised, not augmented)."""
+        options = self.options
+        loader = self.datamodule._loader(
+            self.datamodule.part_dataset("unlabeled", views=self.datamodule.eval_views, with_masks=False),
+            self.datamodule.batch_size_eval,
+            train=False,
+        )
+        ids: list[str] = []
+        labels, masks = [], []
+        for batch in loader:
+            image = batch["image"].to(self.device)
+            if options.pseudo_labeler == "input_ensemble":
+                probs = torch.stack([input_ensemble_probs(t.predict_logits, image) for t in teachers])
+            else:
+                probs = torch.stack([t.predict_logits(image).softmax(dim=1) for t in teachers])
+            if options.pseudo_labeler == "inconsistency_mask":
+                label, mask = inconsistency_mask(
+                    probs, options.binary_threshold, options.dilate_kernel, options.erode_kernel
+                )
+            else:
+                label, mask = model_ensemble(probs)
+            ids += list(batch["id"])
+            labels.append(label.to(torch.uint8).cpu())
+            masks.append(mask.cpu())
+        count = len(ids)
+        return PseudoLabels(
+            ids=ids,
+            labels=torch.cat(labels).numpy(),
+            masks=torch.cat(masks).numpy(),
+            copies=np.ones(count, dtype=np.int64),
+            scores=np.full(count, np.nan, dtype=np.float32),
+        )
+
+    def hidden_ground_truth_quality(self, pseudo: PseudoLabels) -> dict[str, float | None]:
+        """Diagnostic only (never used in training): pseudo-labels of the kept images vs their true masks."""
+        datamodule = self.datamodule
+        samples = [s for s in datamodule.parts["unlabeled"] if s.mask is not None]
+        if not samples:
+            return {"mIoU": None, "pixel_acc": None}
+        rows = {sample_id: row for row, sample_id in enumerate(pseudo.ids)}
+        part = SplitDataset(datamodule.dataset, samples, datamodule.eval_views, with_masks=True)
+        loader = datamodule._loader(part, datamodule.batch_size_eval, train=False)
+        truth, selected = [], []
+        for batch in loader:
+            truth.append(batch["mask"])
+            selected += [rows[i] for i in batch["id"]]
+        keep = [i for i, row in enumerate(selected) if pseudo.copies[row] > 0]
+        if not keep:
+            return {"mIoU": None, "pixel_acc": None}
+        rows_kept = [selected[i] for i in keep]
+        quality = pseudo_label_quality(
+            torch.from_numpy(pseudo.labels[rows_kept]),
+            torch.from_numpy(pseudo.masks[rows_kept]),
+            torch.cat(truth)[keep],
+            num_classes=len(self.cfg.dataset.class_names),
+            ignore_index=int(self.cfg.dataset.ignore_index),
+            background_index=int(self.cfg.evaluation.background_index),
+        )
+        return {key: _finite(value) for key, value in quality.items()}
+
+    def pseudo_labels(self, generation: int, teacher_records: list[dict[str, Any]]) -> tuple[PseudoLabels, dict]:
+        """The pseudo-labels of ``generation`` (made once, then reloaded) and their summary."""
+        folder = self.output_dir / f"generation_{generation}"
+        path, summary_path = folder / PSEUDO_FILE, folder / PSEUDO_SUMMARY_FILE
+        if path.is_file() and summary_path.is_file():
+            return PseudoLabels.load(path), json.loads(summary_path.read_text())
+        teachers = [self.load_student(record) for record in teacher_records]
+        pseudo = self.label_unlabeled(teachers)
+        summary: dict[str, Any] = {"labeler": self.options.pseudo_labeler, "images": len(pseudo)}
+        if self.options.evalnet:
+            from semiseg.methods.self_training.evalnet import filter_with_evalnet
+
+            summary["evalnet"] = filter_with_evalnet(self, pseudo)
+        summary["kept"] = int((pseudo.copies > 0).sum())
+        summary["training_items"] = int(pseudo.copies.sum())
+        summary["coverage"] = round(pseudo.coverage, 6)
+        summary["iou_vs_ground_truth"] = self.hidden_ground_truth_quality(pseudo)
+        pseudo.save(path)
+        atomic_write_json(summary_path, summary)
+        return pseudo, summary
+
+    # ---- the loop --------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from semiseg.train import CONFIG_FILE, RESULTS_FILE
+
+        options = self.options
+        atomic_write_text(self.output_dir / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
+        generations: list[dict[str, Any]] = []
+        teachers: list[dict[str, Any]] = []
+        best: dict[str, Any] = {}
+        for generation in range(options.generations + 1):
+            schedule = options.schedule(generation)
+            summary: dict[str, Any] | None = None
+            if generation == 0:
+                self.datamodule.set_pseudo_labels(None)
+            else:
+                pseudo, summary = self.pseudo_labels(generation, teachers)
+                im_value = int(self.cfg.dataset.ignore_index)
+                if self.cfg.method.get("im_handling", "ignore") == "class":
+                    im_value = len(self.cfg.dataset.class_names)
+                self.datamodule.set_pseudo_labels(pseudo, im_value, schedule.get("strong_augmentation_prob", 0.0))
+                log.info(
+                    "generation %d pseudo-labels: coverage %.4f, kept %s/%s, IoU vs hidden ground truth %s",
+                    generation, summary["coverage"], summary["kept"], summary["images"],
+                    summary["iou_vs_ground_truth"].get("mIoU"),
+                )  # fmt: skip
+            records = [self.train_student(generation, j, schedule) for j in range(options.students_per_generation)]
+            self.seconds += sum(r["train_seconds"] for r in records)
+            ranked = self.rank(records)
+            best = ranked[0]
+            entry = {
+                "generation": generation,
+                "teachers": [{"generation": t["generation"], "student": t["student"]} for t in teachers],
+                "pseudo_labels": summary,
+                "schedule": dict(schedule),
+                "students": [
+                    {
+                        "student": r["student"],
+                        "seed": r["seed"],
+                        self.monitor: r["val"],
+                        "test/mIoU": r["test_metrics"].get("test/mIoU"),
+                        "steps": r["steps"],
+                        "num_params": r["num_params"],
+                    }
+                    for r in records
+                ],
+                "best_student": best["student"],
+                self.monitor: best["val"],
+                "test/mIoU": best["test_metrics"].get("test/mIoU"),
+                "test/mDice": best["test_metrics"].get("test/mDice"),
+                "pseudo_label_coverage": summary["coverage"] if summary else None,
+                "pseudo_label_iou_vs_ground_truth": summary["iou_vs_ground_truth"]["mIoU"] if summary else None,
+            }
+            atomic_write_json(self.output_dir / f"generation_{generation}" / GENERATION_FILE, entry)
+            generations.append(entry)
+            self.write_generation_table(generations)
+            log.info("generation %d: best student %d  %s %s  test/mIoU %s", generation, best["student"],
+                     self.monitor, best["val"], entry["test/mIoU"])  # fmt: skip
+            teachers = ranked[: options.num_teachers]
+        results = self.results(best, generations)
+        atomic_write_json(self.output_dir / RESULTS_FILE, results)
+        return results
+
+    def write_generation_table(self, generations: list[dict[str, Any]]) -> None:
+        """``generations.csv``: one row per finished generation (the per-generation log)."""
+        columns = ["generation", "best_student", self.monitor, "test/mIoU", "test/mDice",
+                   "pseudo_label_coverage", "pseudo_label_iou_vs_ground_truth", "pseudo_labels_kept"]  # fmt: skip
+        lines = [",".join(columns)]
+        for entry in generations:
+            kept = (entry["pseudo_labels"] or {}).get("kept")
+            values = [entry.get(c) for c in columns[:-1]] + [kept]
+            lines.append(",".join("" if v is None else str(v) for v in values))
+        atomic_write_text(self.output_dir / GENERATION_TABLE, "\n".join(lines) + "\n")
+
+    def results(self, best: dict[str, Any], generations: list[dict[str, Any]]) -> dict[str, Any]:
+        """``results.json``: the suite's schema for the final generation's best student, plus ``generations``."""
+        from semiseg.train import CONFIG_FILE
+
+        cfg = self.cfg
+        checkpoint = best.get("checkpoint")
+        return {
+            "method": cfg.method.name,
+            "dataset": cfg.dataset.name,
+            "model": cfg.model.name,
+            "labeled_ratio": float(cfg.labeled_ratio),
+            "seed": int(cfg.seed),
+            "split_seed": int(cfg.split_seed),
+            "num_params": best["num_params"],
+            "num_params_train": best["num_params_train"],
+            "split": self.datamodule.split.sizes(),
+            "metrics": best["test_metrics"],
+            "best_val": {"metric": self.monitor, "value": best["val"], "step": _step_of(checkpoint)},
+            "steps": best["steps"],
+            "train_seconds": round(self.seconds, 3),
+            "checkpoint": checkpoint or best["weights"],
+            "config": CONFIG_FILE,
+            "final_student": {"generation": best["generation"], "student": best["student"]},
+            "total_steps": sum(s["steps"] for g in generations for s in g["students"]),
+            "generations": generations,
+        }
+
+
+def _step_of(checkpoint: str | None) -> int | None:
+    if checkpoint and "step=" in checkpoint:
+        try:
+            return int(Path(checkpoint).stem.split("step=")[-1].split("-")[0])
+        except ValueError:
+            return None
+    return None
+
+
+def run_self_training(cfg: DictConfig) -> dict[str, Any]:
+    """Entry point used by ``semiseg.train``: run every generation; return ``results.json``'s content."""
+    Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    return SelfTrainingRun(cfg).run()

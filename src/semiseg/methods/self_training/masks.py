@@ -1,0 +1,142 @@
+"""Pseudo-labels from teacher predictions: Inconsistency Masks, model ensembles, input ensembles.
+
+Every function works on a batch of teacher outputs; nothing here trains.
+
+* **Inconsistency Mask** (Vorndran et al., arXiv 2401.14387). Binary task: each of the ``n`` teachers'
+  foreground probability is thresholded (0.5); pixels where all ``n`` agree take that label, pixels where
+  ``0 < sum < n`` form the mask. Multiclass: the argmax of each teacher; the mask is where not all argmaxes
+  agree. The mask may then be dilated and/or eroded (square kernels; 0 = off, the default).
+* **Model ensemble**: the argmax of the teachers' mean softmax; nothing is masked.
+* **Input ensemble** (test-time augmentation): the argmax of one teacher's mean softmax over the eight
+  flips/rotations of the image, each mapped back; nothing is masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from semiseg.errors import ConfigError
+
+
+def binary_inconsistency_mask(
+    foreground_probs: torch.Tensor, threshold: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IM of a binary task.
+
+    Args:
+        foreground_probs: ``(n, B, H, W)`` foreground probability of each of the ``n`` teachers.
+        threshold: a teacher votes foreground where its probability is above ``threshold``.
+
+    Returns:
+        ``labels (B, H, W)`` int64 (1 where all voted foreground, else 0) and ``mask (B, H, W)`` bool
+        (``True`` where the teachers disagree).
+    """
+    votes = (foreground_probs > threshold).sum(dim=0)
+    num_teachers = foreground_probs.shape[0]
+    labels = (votes == num_teachers).long()
+    mask = (votes > 0) & (votes < num_teachers)
+    return labels, mask
+
+
+def multiclass_inconsistency_mask(teacher_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """IM of a multiclass task.
+
+    Args:
+        teacher_labels: ``(n, B, H, W)`` int64, the argmax of each teacher.
+
+    Returns:
+        ``labels (B, H, W)`` (the first teacher's label; equal to all of them where unmasked) and
+        ``mask (B, H, W)`` bool, ``True`` where not all teachers agree.
+    """
+    agree = (teacher_labels == teacher_labels[:1]).all(dim=0)
+    return teacher_labels[0].clone(), ~agree
+
+
+def morph_mask(mask: torch.Tensor, dilate_kernel: int = 0, erode_kernel: int = 0) -> torch.Tensor:
+    """Dilate, then erode, a boolean ``(B, H, W)`` mask with square kernels (size 0 or 1: no change)."""
+    for size, dilate in ((dilate_kernel, True), (erode_kernel, False)):
+        if size < 0:
+            raise ConfigError(f"method.{'dilate' if dilate else 'erode'}_kernel={size} must be >= 0")
+        if size <= 1:
+            continue
+        values = mask.float().unsqueeze(1)
+        if not dilate:
+            values = 1.0 - values
+        # an even kernel needs asymmetric padding to keep the size
+        left, right = (size - 1) // 2, size // 2
+        padded = F.pad(values, (left, right, left, right), value=0.0)
+        grown = F.max_pool2d(padded, kernel_size=size, stride=1)
+        mask = (grown if dilate else 1.0 - grown).squeeze(1) > 0.5
+    return mask
+
+
+def inconsistency_mask(
+    probs: torch.Tensor,
+    threshold: float = 0.5,
+    dilate_kernel: int = 0,
+    erode_kernel: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IM pseudo-labels from the softmax of ``n`` teachers.
+
+    Args:
+        probs: ``(n, B, C, H, W)`` softmax of each teacher; ``C == 2`` is the binary case (the
+            foreground probability is thresholded at ``threshold``), ``C > 2`` the multiclass one.
+        threshold: the binary vote threshold.
+        dilate_kernel, erode_kernel: square kernel sizes applied to the mask (0: none).
+
+    Returns:
+        ``labels (B, H, W)`` int64 and ``mask (B, H, W)`` bool (``True``: inconsistent, not a pseudo-label).
+    """
+    if probs.ndim != 5 or probs.shape[0] < 2:
+        raise ConfigError(
+            f"an Inconsistency Mask needs at least 2 teachers (got {probs.shape[0] if probs.ndim == 5 else 0}); "
+            "set method.num_teachers >= 2"
+        )
+    if probs.shape[2] == 2:
+        labels, mask = binary_inconsistency_mask(probs[:, :, 1], threshold)
+    else:
+        labels, mask = multiclass_inconsistency_mask(probs.argmax(dim=2))
+    return labels, morph_mask(mask, dilate_kernel, erode_kernel)
+
+
+def model_ensemble(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs (n, B, C, H, W)`` -> argmax of the mean softmax ``(B, H, W)`` and an all-False mask."""
+    labels = probs.mean(dim=0).argmax(dim=1)
+    return labels, torch.zeros_like(labels, dtype=torch.bool)
+
+
+# the eight symmetries of the square: (number of 90° rotations, horizontal flip)
+DIHEDRAL = tuple((turns, flip) for flip in (False, True) for turns in range(4))
+
+
+def _apply(image: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    if flip:
+        image = image.flip(-1)
+    return torch.rot90(image, turns, dims=(-2, -1))
+
+
+def _undo(image: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    image = torch.rot90(image, -turns, dims=(-2, -1))
+    return image.flip(-1) if flip else image
+
+
+def input_ensemble_probs(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    image: torch.Tensor,
+    transforms: Sequence[tuple[int, bool]] = DIHEDRAL,
+) -> torch.Tensor:
+    """Mean softmax ``(B, C, H, W)`` of ``predict`` over flipped/rotated copies of ``image (B, C, H, W)``.
+
+    Rotations by 90° need square images; on non-square images only the flips (0 and 180° turns) are used.
+    """
+    if image.shape[-1] != image.shape[-2]:
+        transforms = [(turns, flip) for turns, flip in transforms if turns % 2 == 0]
+    total = None
+    for turns, flip in transforms:
+        probs = _undo(predict(_apply(image, turns, flip)).softmax(dim=1), turns, flip)
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(transforms)

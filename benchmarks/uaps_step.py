@@ -8,7 +8,8 @@ random tensors, 4 classes, no data loading). Printed:
 * GMACs per image of the networks' forward pass at 256² (the paper: 8.64 for UAPS with three auxiliary
   decoders against 2.98 for the U-Net) and at the benchmark size;
 * FLOPs of one whole training step (forward + backward, both batches) from ``torch.utils.flop_counter``;
-* the median wall time of a training step (forward, backward, Adam update) of each method;
+* the median wall time of a training step (forward, backward, Adam update) of each method, the two methods
+  alternating step by step;
 * the check: UAPS's time ratio must not exceed its FLOP ratio by more than 15%.
 
 Results are also written as JSON to ``bench_out/uaps_step.json``.
@@ -88,15 +89,19 @@ def step_flops(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch:
     return counter.get_total_flops()
 
 
-def step_seconds(module: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict, steps: int) -> float:
-    for _ in range(2):  # warm-up
-        step(module, optimizer, batch)
-    times = []
+def step_seconds(runs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]], batch: dict, steps: int) -> dict:
+    """Median wall time of a training step per method; the methods alternate step by step, so that a change in
+    the machine's load during the measurement affects both alike."""
+    for module, optimizer in runs.values():  # warm-up
+        for _ in range(2):
+            step(module, optimizer, batch)
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(steps):
-        started = time.perf_counter()
-        step(module, optimizer, batch)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, (module, optimizer) in runs.items():
+            started = time.perf_counter()
+            step(module, optimizer, batch)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -116,16 +121,19 @@ def main() -> None:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu": platform.processor() or platform.machine(),
     }
+    runs = {}
     for method in ("supervised", "uaps"):
         module = build(method, args.aux)
         module.train()
         optimizer = module.configure_optimizers()
+        runs[method] = (module, optimizer)
         figures[method] = {
             "gmacs_per_image_256": round(forward_gmacs_per_image(module, 256), 3),
             f"gmacs_per_image_{args.image_size}": round(forward_gmacs_per_image(module, args.image_size), 3),
             "step_gflops": round(step_flops(module, optimizer, batch) / 1e9, 2),
-            "step_seconds": round(step_seconds(module, optimizer, batch, args.steps), 4),
         }
+    for method, seconds in step_seconds(runs, batch, args.steps).items():
+        figures[method]["step_seconds"] = round(seconds, 4)
     flop_ratio = figures["uaps"]["step_gflops"] / figures["supervised"]["step_gflops"]
     time_ratio = figures["uaps"]["step_seconds"] / figures["supervised"]["step_seconds"]
     figures["step_flop_ratio"] = round(flop_ratio, 3)

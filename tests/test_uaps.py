@@ -314,3 +314,16 @@ def test_fast_dev_run(make_cfg, overrides: tuple[str, ...]) -> None:
     results = train(make_cfg("method=uaps", "trainer.fast_dev_run=true", *overrides))
     assert results["method"] == "uaps" and results["steps"] == 1
     assert 0.0 <= results["metrics"]["test/mIoU"] <= 1.0
+
+
+def test_checkpoint_hyperparameters_are_plain(make_cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from semiseg.train import build_module
+
+    module = build_module(make_cfg("method=uaps"))
+    own = ("perturbations", "perturbation_options", "mixing", "uncertainty_weighting", "inference")
+    assert not any(OmegaConf.is_config(module.hparams[key]) for key in own)
+    assert type(module.hparams["perturbations"]) is list and type(module.hparams["perturbation_options"]) is dict
+    assert module.hparams["perturbations"] == ["noise", "dropout", "feature_drop"]
+    assert module.hparams["perturbation_options"]["feature_drop"] == {"threshold_range": [0.7, 0.9]}

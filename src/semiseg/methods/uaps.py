@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from semiseg.errors import ConfigError
@@ -52,6 +53,11 @@ MIXING_MODES = ("dynamic", "average")
 WEIGHTING_MODES = ("pixel", "batch")
 INFERENCE_MODES = ("main", "ensemble")
 LOG_EPS = 1e-8  # floor of probabilities before a log (KL divergence, ensemble log-probabilities)
+
+
+def _plain_value(value: Any) -> Any:
+    """An OmegaConf list/dict -> a plain Python one; anything else unchanged."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 class DecoderEnsemble(nn.Module):
@@ -158,9 +164,16 @@ class UAPS(SemiSupervisedModule):
                 raise ConfigError(f"method.{key}={value!r} must be one of {list(allowed)}")
         if isinstance(rampup_unit_steps, bool) or not isinstance(rampup_unit_steps, int) or rampup_unit_steps < 1:
             raise ConfigError(f"method.rampup_unit_steps={rampup_unit_steps!r} must be an integer >= 1, e.g. 80")
+        # plain containers (not OmegaConf nodes) in the saved hyperparameters, so checkpoints load with
+        # torch.load(weights_only=True)
+        perturbations = [str(name) for name in perturbations]
+        perturbation_options = {
+            str(name): {str(key): _plain_value(value) for key, value in options.items()}
+            for name, options in (perturbation_options or {}).items()
+        }
         self.num_aux_decoders = num_aux_decoders
         self.perturbation_names = list(perturbations)
-        self.perturbation_options = {name: dict(options) for name, options in (perturbation_options or {}).items()}
+        self.perturbation_options = perturbation_options
         self.mixing = mixing
         self.uncertainty_weighting = uncertainty_weighting
         self.use_ups, self.use_un, self.use_ps = bool(use_ups), bool(use_un), bool(use_ps)

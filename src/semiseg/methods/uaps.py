@@ -40,11 +40,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from semiseg.errors import ConfigError
-from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule
+from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule, _plain
 from semiseg.models.multi_decoder import MultiDecoderNetwork
 from semiseg.models.perturbations import UAPS_ORDER, make_perturbation
 from semiseg.ramps import sigmoid_rampup
@@ -53,11 +52,6 @@ MIXING_MODES = ("dynamic", "average")
 WEIGHTING_MODES = ("pixel", "batch")
 INFERENCE_MODES = ("main", "ensemble")
 LOG_EPS = 1e-8  # floor of probabilities before a log (KL divergence, ensemble log-probabilities)
-
-
-def _plain_value(value: Any) -> Any:
-    """An OmegaConf list/dict -> a plain Python one; anything else unchanged."""
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 class DecoderEnsemble(nn.Module):
@@ -168,9 +162,9 @@ class UAPS(SemiSupervisedModule):
         # torch.load(weights_only=True)
         perturbations = [str(name) for name in perturbations]
         perturbation_options = {
-            str(name): {str(key): _plain_value(value) for key, value in options.items()}
-            for name, options in (perturbation_options or {}).items()
+            str(name): dict(_plain(options)) for name, options in (_plain(perturbation_options) or {}).items()
         }
+        base = {key: _plain(value) for key, value in base.items()}
         self.num_aux_decoders = num_aux_decoders
         self.perturbation_names = list(perturbations)
         self.perturbation_options = perturbation_options

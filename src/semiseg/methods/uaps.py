@@ -1,0 +1,271 @@
+"""UAPS: uncertainty-aware and dynamically-mixed pseudo-labels (Sime, Wang, Zeng, Peng, "Uncertainty-aware and
+dynamically-mixed pseudo-labels for semi-supervised defect segmentation", Computers in Industry 152, 2023).
+
+Network. One shared encoder, a main decoder on clean features and ``num_aux_decoders`` auxiliary decoders,
+each fed the encoder features (every level) through its own perturbation: feature noise, dropout, feature
+drop, cycling past three (:mod:`semiseg.models.perturbations`). ``K = 1 + num_aux_decoders`` decoders in all.
+
+Losses, with ``p_k = softmax(decoder_k)`` of shape ``(B, C, H, W)`` on the unlabeled batch:
+
+* ``L_sup``: mean over the K decoders of ``0.5 (CE + Dice)`` on the labeled batch (aux decoders perturbed);
+* ``p̄ = mean_k p_k``; uncertainty per pixel ``u_k = KL(p̄ ‖ p_k) = Σ_c p̄_c (log p̄_c − log p_k,c)``, ``(B, H, W)``;
+* pseudo-label ``ŷ = argmax_c Σ_k λ_k p_k`` (detached) with ``λ ~ Dirichlet(1, …, 1)`` drawn once per
+  iteration ("dynamic mixing"); ``mixing: average`` uses ``λ_k = 1/K`` (the paper's ablation);
+* ``L_ups = mean_k 0.5 (CE + Dice)(p_k, ŷ)`` with every pixel weighted by ``exp(−u_k)``;
+* ``L_un = mean_k mean(u_k)``;
+* ``L_ps`` (off by default; the paper's ablation ℓps): ``L_ups`` without the uncertainty weights.
+
+``L = L_sup + w1(t) (L_ups + L_ps) + w2(t) L_un`` with ``w_i(t) = coefficient_i · exp(−5 (1 − min(t, T)/T)²)``.
+
+Ramp unit. ``t = global_step // rampup_unit_steps`` (integer division, as the official code's
+``iter_num // N``) and ``T = rampup_length`` such units; the paper's ``T = 200`` units of 80 iterations is
+``rampup_length: 200, rampup_unit_steps: 80`` (16,000 optimisation steps to reach the full weight).
+
+Paper and official code differ in three places; the paper is the default, the code's variant an option:
+
+* the code multiplies a batch-mean ``0.5 (CE + Dice)`` by the mean of ``exp(−u_k)``:
+  ``uncertainty_weighting: batch`` (default ``pixel``: the per-pixel weighting the paper writes);
+* the code's Magnetic Tiles script adds ``L_un`` with weight 1 and no ramp: ``un_coefficient: 1.0,
+  un_rampup: false`` (default: ``0.1`` and ramped, as the paper);
+* the code back-propagates through the weights ``exp(−u_k)`` and through ``p̄`` (no detach), which is the
+  default here too; ``detach_uncertainty_weights: true`` treats the weights as constants.
+
+At validation, test and deployment only the encoder and the main decoder run (``inference: main``);
+``inference: ensemble`` uses the mean softmax of all decoders (clean features in eval mode).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from semiseg.errors import ConfigError
+from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule, _plain
+from semiseg.models.multi_decoder import MultiDecoderNetwork
+from semiseg.models.perturbations import UAPS_ORDER, make_perturbation
+from semiseg.ramps import sigmoid_rampup
+
+MIXING_MODES = ("dynamic", "average")
+WEIGHTING_MODES = ("pixel", "batch")
+INFERENCE_MODES = ("main", "ensemble")
+LOG_EPS = 1e-8  # floor of probabilities before a log (KL divergence, ensemble log-probabilities)
+
+
+class DecoderEnsemble(nn.Module):
+    """Mean softmax of every decoder, returned as log-probabilities (argmax-compatible logits)."""
+
+    def __init__(self, network: MultiDecoderNetwork) -> None:
+        super().__init__()
+        self.network = network
+        self.size_divisor = network.size_divisor
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """``image (B, C, H, W)`` -> ``log mean_k p_k`` of shape ``(B, num_classes, H, W)``."""
+        return self.network.ensemble_probabilities(image).clamp_min(LOG_EPS).log()
+
+
+def decoder_uncertainty(probabilities: torch.Tensor) -> torch.Tensor:
+    """Per-pixel uncertainty of each decoder: ``u_k = KL(p̄ ‖ p_k)``.
+
+    Args:
+        probabilities: ``(K, B, C, H, W)`` softmax of the K decoders.
+
+    Returns:
+        ``(K, B, H, W)``: ``Σ_c p̄_c (log p̄_c − log p_k,c)`` with ``p̄ = mean_k p_k``; zero where all agree.
+    """
+    mean = probabilities.mean(dim=0, keepdim=True)
+    log_mean = mean.clamp_min(LOG_EPS).log()
+    log_each = probabilities.clamp_min(LOG_EPS).log()
+    return (mean * (log_mean - log_each)).sum(dim=2)
+
+
+def mixing_weights(num_decoders: int, mode: str, device: torch.device | None = None) -> torch.Tensor:
+    """λ of shape ``(K,)`` on the simplex: a ``Dirichlet(1, …, 1)`` draw (``dynamic``) or ``1/K`` (``average``)."""
+    if mode == "average":
+        return torch.full((num_decoders,), 1.0 / num_decoders, device=device)
+    if mode == "dynamic":
+        concentration = torch.ones(num_decoders, device=device)
+        return torch.distributions.Dirichlet(concentration).sample()
+    raise ConfigError(f"method.mixing={mode!r} must be one of {list(MIXING_MODES)}")
+
+
+def mixed_pseudo_label(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``ŷ = argmax_c Σ_k λ_k p_k`` (no gradient): ``(K, B, C, H, W)``, ``(K,)`` -> ``(B, H, W)`` int64."""
+    mixed = (weights.view(-1, 1, 1, 1, 1) * probabilities.detach()).sum(dim=0)
+    return mixed.argmax(dim=1)
+
+
+def disagreement_share(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Share of pixels where the decoders' argmaxes are not all equal (a scalar in [0, 1])."""
+    predictions = torch.stack([item.detach().argmax(dim=1) for item in logits])
+    return (predictions != predictions[:1]).any(dim=0).float().mean()
+
+
+class UAPS(SemiSupervisedModule):
+    """Uncertainty-aware, dynamically-mixed pseudo-labels on a multi-decoder U-Net.
+
+    Args:
+        num_aux_decoders: auxiliary decoders (the paper: 3; its ablation 0–4).
+        perturbations: perturbation names cycled over the aux decoders (``noise``, ``dropout``,
+            ``feature_drop``, ``channel_dropout``, ``none``).
+        perturbation_options: keyword arguments per perturbation name (e.g. ``noise: {uniform_range: 0.3}``).
+        mixing: ``dynamic`` (λ ~ Dirichlet(1, …, 1) per iteration) or ``average`` (λ_k = 1/K).
+        uncertainty_weighting: ``pixel`` (the paper) or ``batch`` (the official code).
+        use_ups: add the uncertainty-aware pseudo-supervision ``L_ups`` (weight w1).
+        use_un: add the uncertainty minimisation ``L_un`` (weight w2).
+        use_ps: add the plain pseudo-supervision ``L_ps`` without uncertainty (weight w1; ablation only).
+        ups_coefficient: w1 after the ramp-up (the paper: 0.1).
+        un_coefficient: w2 after the ramp-up (the paper: 0.1).
+        rampup_length: T, in ramp units (the paper: 200).
+        rampup_unit_steps: optimisation steps per ramp unit (the paper: 80).
+        un_rampup: ramp w2 as w1 (the paper); ``false`` keeps w2 constant (the official MTiles code).
+        detach_uncertainty_weights: treat ``exp(−u_k)`` as constants in ``L_ups``.
+        inference: ``main`` (encoder + main decoder) or ``ensemble`` (mean softmax of all decoders).
+    """
+
+    def __init__(
+        self,
+        num_aux_decoders: int = 3,
+        perturbations: Sequence[str] = UAPS_ORDER,
+        perturbation_options: Mapping[str, Mapping[str, Any]] | None = None,
+        mixing: str = "dynamic",
+        uncertainty_weighting: str = "pixel",
+        use_ups: bool = True,
+        use_un: bool = True,
+        use_ps: bool = False,
+        ups_coefficient: float = 0.1,
+        un_coefficient: float = 0.1,
+        rampup_length: float = 200,
+        rampup_unit_steps: int = 80,
+        un_rampup: bool = True,
+        detach_uncertainty_weights: bool = False,
+        inference: str = "main",
+        **base: Any,
+    ) -> None:
+        if isinstance(num_aux_decoders, bool) or not isinstance(num_aux_decoders, int) or num_aux_decoders < 0:
+            raise ConfigError(f"method.num_aux_decoders={num_aux_decoders!r} must be an integer >= 0, e.g. 3")
+        if num_aux_decoders and not perturbations:
+            raise ConfigError("method.perturbations is empty; give at least one name, e.g. [noise, dropout]")
+        for key, value, allowed in (
+            ("mixing", mixing, MIXING_MODES),
+            ("uncertainty_weighting", uncertainty_weighting, WEIGHTING_MODES),
+            ("inference", inference, INFERENCE_MODES),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"method.{key}={value!r} must be one of {list(allowed)}")
+        if isinstance(rampup_unit_steps, bool) or not isinstance(rampup_unit_steps, int) or rampup_unit_steps < 1:
+            raise ConfigError(f"method.rampup_unit_steps={rampup_unit_steps!r} must be an integer >= 1, e.g. 80")
+        # plain containers (not OmegaConf nodes) in the saved hyperparameters, so checkpoints load with
+        # torch.load(weights_only=True)
+        perturbations = [str(name) for name in perturbations]
+        perturbation_options = {
+            str(name): dict(_plain(options)) for name, options in (_plain(perturbation_options) or {}).items()
+        }
+        base = {key: _plain(value) for key, value in base.items()}
+        self.num_aux_decoders = num_aux_decoders
+        self.perturbation_names = list(perturbations)
+        self.perturbation_options = perturbation_options
+        self.mixing = mixing
+        self.uncertainty_weighting = uncertainty_weighting
+        self.use_ups, self.use_un, self.use_ps = bool(use_ups), bool(use_un), bool(use_ps)
+        self.ups_coefficient = float(ups_coefficient)
+        self.un_coefficient = float(un_coefficient)
+        self.rampup_length = float(rampup_length)
+        self.rampup_unit_steps = rampup_unit_steps
+        self.un_rampup = bool(un_rampup)
+        self.detach_uncertainty_weights = bool(detach_uncertainty_weights)
+        self.inference = inference
+        super().__init__(**base)
+
+    # ---- networks -------------------------------------------------------------------------------
+    def configure_networks(self) -> None:
+        perturbations = []
+        for index in range(self.num_aux_decoders):
+            name = self.perturbation_names[index % len(self.perturbation_names)]
+            perturbations.append(make_perturbation(name, **self.perturbation_options.get(name, {})))
+        self.net = MultiDecoderNetwork(self.build_network(), perturbations)
+
+    @property
+    def num_decoders(self) -> int:
+        return self.net.num_decoders
+
+    @property
+    def inference_network(self) -> nn.Module:
+        return self.net.network if self.inference == "main" else DecoderEnsemble(self.net)
+
+    # ---- schedules ------------------------------------------------------------------------------
+    def ramp(self) -> float:
+        """``exp(−5 (1 − min(t, T)/T)²)`` with ``t = global_step // rampup_unit_steps`` and ``T = rampup_length``."""
+        return sigmoid_rampup(self.global_step // self.rampup_unit_steps, self.rampup_length)
+
+    def loss_weights(self) -> tuple[float, float]:
+        """``(w1(t), w2(t))`` at the current step."""
+        ramp = self.ramp()
+        return self.ups_coefficient * ramp, self.un_coefficient * (ramp if self.un_rampup else 1.0)
+
+    # ---- losses ---------------------------------------------------------------------------------
+    def supervised_loss(self, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
+        """Mean over decoders of ``0.5 (CE + Dice)``; each decoder's loss is logged as ``loss_sup_<k>``."""
+        per_decoder = [self.seg_loss(logits, labeled["mask"]) for logits in self.net.forward_all(labeled["image"])]
+        terms = {f"loss_sup_{self._decoder_name(k)}": loss for k, loss in enumerate(per_decoder)}
+        return torch.stack(per_decoder).mean(), terms
+
+    def pseudo_supervision(
+        self, logits: Sequence[torch.Tensor], pseudo_label: torch.Tensor, certainty: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Mean over decoders of ``0.5 (CE + Dice)(logits_k, ŷ)``, weighted by ``certainty = exp(−u)`` if given.
+
+        Args:
+            logits: K tensors ``(B, C, H, W)``.
+            pseudo_label: ``(B, H, W)``.
+            certainty: ``(K, B, H, W)`` or ``None`` (plain pseudo-supervision ℓps).
+        """
+        losses = []
+        for k, decoder_logits in enumerate(logits):
+            if certainty is None:
+                losses.append(self.seg_loss(decoder_logits, pseudo_label))
+            elif self.uncertainty_weighting == "pixel":
+                losses.append(self.seg_loss(decoder_logits, pseudo_label, weight=certainty[k]))
+            else:
+                losses.append(self.seg_loss(decoder_logits, pseudo_label) * certainty[k].mean())
+        return torch.stack(losses).mean()
+
+    def unsupervised_loss(self, unlabeled: Batch, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
+        """``w1 (L_ups + L_ps) + w2 L_un`` on ``unlabeled["image"] (B, C, H, W)``; switched-off terms are exactly 0."""
+        active = self.use_ups or self.use_un or self.use_ps
+        with torch.set_grad_enabled(active and torch.is_grad_enabled()):
+            logits = self.net.forward_all(unlabeled["image"])
+            probabilities = torch.stack([item.softmax(dim=1) for item in logits])  # (K, B, C, H, W)
+            uncertainty = decoder_uncertainty(probabilities)  # (K, B, H, W)
+            weights = mixing_weights(len(logits), self.mixing, device=probabilities.device)
+            pseudo_label = mixed_pseudo_label(probabilities, weights)
+            zero = probabilities.new_zeros(())
+            loss_un = uncertainty.mean(dim=(1, 2, 3)).mean() if self.use_un else zero
+            loss_ups = zero
+            if self.use_ups:
+                certainty = torch.exp(-uncertainty)
+                if self.detach_uncertainty_weights:
+                    certainty = certainty.detach()
+                loss_ups = self.pseudo_supervision(logits, pseudo_label, certainty)
+            loss_ps = self.pseudo_supervision(logits, pseudo_label, None) if self.use_ps else zero
+        w1, w2 = self.loss_weights()
+        total = w1 * (loss_ups + loss_ps) + w2 * loss_un
+        terms: LossTerms = {
+            "loss_ups": loss_ups,
+            "loss_ps": loss_ps,
+            "loss_un": loss_un,
+            "w1": torch.tensor(w1),
+            "w2": torch.tensor(w2),
+            "uncertainty_mean": uncertainty.detach().mean(),
+            "disagreement": disagreement_share(logits),
+        }
+        for k, value in enumerate(weights):
+            terms[f"lambda_{self._decoder_name(k)}"] = value
+        return total, terms
+
+    @staticmethod
+    def _decoder_name(index: int) -> str:
+        return "main" if index == 0 else f"aux{index}"

@@ -44,12 +44,14 @@ def per_class_values(value: Any, class_names: Sequence[str], key: str, kind: typ
 def box_neighbourhood(labels: torch.Tensor, size: int) -> torch.Tensor:
     """``labels (B, H, W)`` bool -> bool ``(B, H, W)``: pixels whose ``size x size`` box holds a labeled pixel.
 
-    For an even ``size`` the box reaches one pixel further right/down than left/up.
+    A labeled pixel at ``x`` reaches ``x - (size - 1) // 2 .. x + size // 2`` along each axis: for an even
+    ``size`` one pixel further right/down than left/up.
     """
     if size <= 1:
         return labels.clone()
-    before, after = (size - 1) // 2, size // 2
-    padded = F.pad(labels.unsqueeze(1).float(), (before, after, before, after))
+    back, ahead = (size - 1) // 2, size // 2
+    # F.pad's order is (left, right, top, bottom); padding `ahead` on the left lets a label reach `ahead` rightwards
+    padded = F.pad(labels.unsqueeze(1).float(), (ahead, back, ahead, back))
     return F.max_pool2d(padded, kernel_size=size, stride=1).squeeze(1) > 0
 
 
@@ -94,7 +96,6 @@ def grow_regions(
     while rounds < max_rounds:
         unlabeled = labels == ignore_index
         changed = False
-        grow = torch.zeros_like(unlabeled)
         new_labels = labels.clone()
         for c in range(num_classes):
             if candidates[c] is None:
@@ -106,7 +107,6 @@ def grow_regions(
             take = reachable & near
             if take.any():
                 new_labels[take] = c  # classes are disjoint: a pixel has one argmax
-                grow |= take
                 changed = True
         if not changed:
             break

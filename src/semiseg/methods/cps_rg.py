@@ -35,8 +35,8 @@ Where the reference code differs (the paper is a blog-style README; the code is 
   gives the code's variant);
 * its label update keeps grown labels and grows from them (``growing.accumulate: true``); ``false`` regrows
   from the given labels every time, as DSRG does with its seeds;
-* the code can refine the probabilities with a dense CRF (pydensecrf); no maintained CRF package installs in this
-  environment, so that option is left out.
+* the code can refine the probabilities with a dense CRF (pydensecrf); that package is unmaintained (2018) and its
+  fork pydensecrf2 ships only a source archive needing a C++ build (no wheel installs here), so CRF is left out.
 """
 
 from __future__ import annotations

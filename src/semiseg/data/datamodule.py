@@ -149,6 +149,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         self.image_size = list(image_size)
         self.partial_labels = PartialLabels.from_config(partial_labels)
         self.label_store: LabelStore | None = None
+        self._label_store_loader: DataLoader | None = None
         self.split = self._make_split(labeled_ratio, split_seed, val_fraction, test_fraction, split_file)
         by_id = {s.id: s for s in self._all_samples()}
         self.parts = {
@@ -200,7 +201,9 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         """The labeled images with evaluation views (resize + normalisation) and their store ``index``."""
         store = self.enable_label_store()
         store.fill()
-        return self._loader(StoreDataset(store, self.eval_views), self.batch_size_eval, train=False)
+        if self._label_store_loader is None:  # kept: its persistent workers serve every growth
+            self._label_store_loader = self._loader(StoreDataset(store, self.eval_views), self.batch_size_eval, False)
+        return self._label_store_loader
 
     def state_dict(self) -> dict[str, Any]:
         return {"label_store": self.label_store.state_dict()} if self.label_store is not None else {}

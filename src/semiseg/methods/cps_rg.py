@@ -72,6 +72,10 @@ class CPSRegionGrowing(CPS):
     Args:
         loss_type: ``focal`` or ``superloss`` (confidence-aware) supervised loss on labeled pixels.
         focal_gamma: γ of the focal loss.
+        class_balance: exponent ``a`` of class weights ``(n / (C n_c))^a`` from the given labels' class counts
+            ``n_c`` (0: none, 0.5: inverse square root, 1: inverse frequency), computed when training starts; it
+            replaces ``loss.class_weights`` in the partial loss (the reference code's ``weight_loss`` option
+            weights its classes too). Clicks label far fewer defect than background pixels.
         superloss: ``base`` (``focal`` or ``ce``), ``lam`` (λ), ``tau`` (``ema``, ``log_classes`` or a number)
             and ``momentum`` (of the ``ema`` running mean).
         weight: weight of the CPS loss after its ramp-up.
@@ -91,6 +95,7 @@ class CPSRegionGrowing(CPS):
         self,
         loss_type: str = "focal",
         focal_gamma: float = 3.0,
+        class_balance: float = 0.0,
         superloss: dict | None = None,
         weight: float = 1.0,
         cps_start_epoch: int = 2,
@@ -126,6 +131,9 @@ class CPSRegionGrowing(CPS):
             raise ConfigError(f"method.superloss.base={self.superloss_base!r} must be one of {list(SUPERLOSS_BASES)}")
         if not isinstance(self.superloss_tau, int | float) and self.superloss_tau not in ("ema", "log_classes"):
             raise ConfigError(f"method.superloss.tau={self.superloss_tau!r} must be 'ema', 'log_classes' or a number")
+        if class_balance < 0:
+            raise ConfigError(f"method.class_balance={class_balance} must be non-negative")
+        self.class_balance = float(class_balance)
         self.loss_type = loss_type
         self.focal_gamma = float(focal_gamma)
         self.cps_start_epoch = int(cps_start_epoch)
@@ -151,6 +159,7 @@ class CPSRegionGrowing(CPS):
             )
         # running mean of the per-pixel loss: SuperLoss's τ when superloss.tau is 'ema' (NaN: not yet seen)
         self.register_buffer("loss_ema", torch.tensor(float("nan")))
+        self.register_buffer("balance_weights", torch.empty(0), persistent=False)
 
     # ---- stages ---------------------------------------------------------------------------------------
     @property
@@ -174,7 +183,22 @@ class CPSRegionGrowing(CPS):
             )
         datamodule.enable_label_store()
 
+    def compute_class_balance(self) -> None:
+        """Class weights ``(n / (C n_c))^a`` from the given labels (classes without labels get weight 1)."""
+        store = self.label_store
+        if not self.class_balance or store is None:
+            return
+        store.fill()
+        given = store.given[store.given != self.ignore_index].long()
+        counts = torch.bincount(given, minlength=self.num_classes)[: self.num_classes].double()
+        present = counts > 0
+        weights = torch.ones(self.num_classes, dtype=torch.float64)
+        weights[present] = (counts[present].sum() / (present.sum() * counts[present])) ** self.class_balance
+        self.balance_weights = weights.float().to(self.device)
+        log.info("cps_rg class weights %s", dict(zip(self.class_names, [round(w, 3) for w in weights.tolist()])))
+
     def on_train_start(self) -> None:
+        self.compute_class_balance()
         trainer = self.trainer
         steps_per_epoch = trainer.num_training_batches
         if trainer.fast_dev_run or not steps_per_epoch or math.isinf(steps_per_epoch):
@@ -202,7 +226,9 @@ class CPSRegionGrowing(CPS):
     # ---- losses ---------------------------------------------------------------------------------------
     def partial_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The supervised loss on the labeled pixels of ``target (B, H, W)`` (focal or confidence-aware focal)."""
-        weights = self.class_weights if self.class_weights.numel() else None
+        weights = self.balance_weights if self.balance_weights.numel() else None
+        if weights is None and self.class_weights.numel():
+            weights = self.class_weights
         if self.loss_type == "focal":
             return focal_loss(logits, target, self.focal_gamma, self.ignore_index, weights)
         gamma = self.focal_gamma if self.superloss_base == "focal" else 0.0

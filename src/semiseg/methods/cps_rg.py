@@ -95,7 +95,7 @@ class CPSRegionGrowing(CPS):
         self,
         loss_type: str = "focal",
         focal_gamma: float = 3.0,
-        class_balance: float = 1.0,
+        class_balance: float = 0.5,
         superloss: dict | None = None,
         weight: float = 1.0,
         cps_start_epoch: int = 3,

@@ -251,7 +251,9 @@ def test_cps_rg_runs_all_three_stages(make_cfg, tmp_path: Path) -> None:
     png = Image.open(next((run / "grown_labels" / "epoch_002").glob("*.png")))
     assert png.mode == "P" and png.size == (32, 32)
     # the checkpoint carries the grown labels, and they load into a new DataModule
-    checkpoint = torch.load(run / "checkpoints" / "best-step=8.ckpt", weights_only=False)
+    saved = [torch.load(path, weights_only=False) for path in (run / "checkpoints").glob("*.ckpt")]
+    checkpoint = max(saved, key=lambda c: c["global_step"])
+    assert checkpoint["global_step"] == 8
     state = checkpoint["SemiSupervisedDataModule"]["label_store"]
     fresh = instantiate(cfg.data, dataset=instantiate(cfg.dataset.source), use_unlabeled=True, _convert_="all")
     fresh.load_state_dict({"label_store": state})

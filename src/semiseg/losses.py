@@ -8,6 +8,7 @@ keeps its graph, so it can be summed with others.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -87,3 +88,77 @@ def class_weight_tensor(class_weights: Sequence[float] | None, num_classes: int)
             f"method.loss.class_weights has {len(class_weights)} values for {num_classes} classes; give one per class"
         )
     return torch.tensor(list(class_weights), dtype=torch.float32)
+
+
+# ---- partial labels: focal loss and its confidence-aware (SuperLoss) variant ----------------------
+
+
+def focal_loss_per_pixel(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 3.0,
+    ignore_index: int = 255,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax focal loss of every pixel, ``-α_y (1 - p_y)^γ log p_y`` (Lin et al., ICCV 2017).
+
+    ``logits (B, C, H, W)``, ``target (B, H, W)`` -> ``(B, H, W)``; ignored pixels are exactly 0. ``γ = 0``
+    without class weights is the plain cross-entropy.
+    """
+    valid, safe_target = _valid(target, ignore_index)
+    log_probs = logits.float().log_softmax(dim=1)
+    log_p_target = log_probs.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+    loss = -((1.0 - log_p_target.exp()).clamp_min(0.0) ** gamma) * log_p_target
+    if class_weights is not None:
+        loss = loss * class_weights.to(loss)[safe_target]
+    return loss * valid.to(loss.dtype)
+
+
+def focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    gamma: float = 3.0,
+    ignore_index: int = 255,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean softmax focal loss over the labeled pixels (0 with its graph when none is labeled)."""
+    per_pixel = focal_loss_per_pixel(logits, target, gamma, ignore_index, class_weights)
+    return per_pixel.sum() / (target != ignore_index).sum().clamp_min(1)
+
+
+def lambert_w(x: torch.Tensor, iterations: int = 12) -> torch.Tensor:
+    """Principal branch ``W0`` of the Lambert W function (``W e^W = x``) for ``x >= -1/e``, by Halley's method.
+
+    Computed in float64 and returned in ``x``'s dtype; values below ``-1/e`` are clamped to it (``W = -1``).
+    """
+    z = x.detach().double().clamp_min(-math.exp(-1.0))
+    # start: branch-point series near -1/e, log(1 + z) elsewhere (both below the root for z > 0 is fine)
+    p = torch.sqrt((2.0 * (math.e * z + 1.0)).clamp_min(0.0))
+    near_branch = -1.0 + p - p * p / 3.0 + 11.0 / 72.0 * p**3
+    w = torch.where(z < 0.5, near_branch, torch.log1p(z))
+    for _ in range(iterations):
+        ew = torch.exp(w)
+        f = w * ew - z
+        denominator = ew * (w + 1.0) - (w + 2.0) * f / (2.0 * w + 2.0).clamp_min(1e-12)
+        step = torch.where(denominator.abs() > 1e-300, f / denominator, torch.zeros_like(f))
+        w = torch.where(w + 1.0 > 1e-9, w - step, w)
+    return w.to(x.dtype)
+
+
+def superloss_confidence(per_pixel_loss: torch.Tensor, tau: float | torch.Tensor, lam: float) -> torch.Tensor:
+    """SuperLoss's optimal confidence ``σ* = exp(-W(½ max(-2/e, (ℓ - τ)/λ)))`` of each loss value (detached).
+
+    Castells, Weinzaepfel, Revaud, "SuperLoss: A Generic Loss for Robust Curriculum Learning", NeurIPS 2020:
+    easy samples (``ℓ < τ``) get ``σ > 1``, hard ones ``σ < 1``; ``σ = 1`` at ``ℓ = τ``.
+    """
+    beta = (per_pixel_loss.detach().double() - tau) / lam
+    return torch.exp(-lambert_w(0.5 * beta.clamp_min(-2.0 / math.e))).to(per_pixel_loss.dtype)
+
+
+def superloss(per_pixel_loss: torch.Tensor, tau: float | torch.Tensor, lam: float) -> torch.Tensor:
+    """``(ℓ - τ) σ* + λ (log σ*)²`` elementwise, with the closed-form confidence ``σ*`` held constant.
+
+    Holding ``σ*`` constant gives the exact gradient, because ``σ*`` minimises the expression (envelope theorem).
+    """
+    sigma = superloss_confidence(per_pixel_loss, tau, lam)
+    return (per_pixel_loss - tau) * sigma + lam * torch.log(sigma) ** 2

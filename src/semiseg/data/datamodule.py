@@ -9,6 +9,11 @@ code calls over-sampling the labeled samples. A batch therefore looks like::
 
 Unlabeled samples never carry a mask. Methods that use no unlabeled data (``supervised``) get only the
 ``labeled`` key. Validation and test batches are ``{"image", "mask", "id"}``.
+
+Partial labels (``partial_labels``, see :mod:`semiseg.data.partial`): the labeled images' masks then come
+from a :class:`~semiseg.data.partial.LabelStore` (partial, possibly grown by the method), labeled batches
+also carry ``index`` (the row in the store), the store is saved in checkpoints, and a run may have no
+unlabeled image at all (``labeled_ratio=1``: every image partially labeled).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from semiseg.data.datasets.base import DefectDataset, Sample
+from semiseg.data.partial import LabelStore, PartialLabels, StoreDataset
 from semiseg.data.split import Split, check_split_ids, make_split
 from semiseg.data.transforms import ViewMaker
 from semiseg.errors import ConfigError
@@ -87,6 +93,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         cutmix: parameters of ``cutmix_box`` views.
         split_file: reuse this ``split.json`` instead of making a split.
         pin_memory: ``"auto"`` pins when CUDA is available.
+        partial_labels: the ``partial_labels`` config (``mode: none`` keeps full masks).
     """
 
     def __init__(
@@ -109,6 +116,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         cutmix: dict | None = None,
         split_file: str | None = None,
         pin_memory: bool | str = "auto",
+        partial_labels: dict | None = None,
     ) -> None:
         super().__init__()
         for key, value in (
@@ -138,12 +146,18 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             cutmix=cutmix,
         )
         self.eval_views = ViewMaker(**common)
+        self.image_size = list(image_size)
+        self.partial_labels = PartialLabels.from_config(partial_labels)
+        self.label_store: LabelStore | None = None
+        self._label_store_loader: DataLoader | None = None
         self.split = self._make_split(labeled_ratio, split_seed, val_fraction, test_fraction, split_file)
         by_id = {s.id: s for s in self._all_samples()}
         self.parts = {
             part: [by_id[i] for i in getattr(self.split, part)] for part in ("labeled", "unlabeled", "val", "test")
         }
-        if use_unlabeled and not self.parts["unlabeled"]:
+        if self.partial_labels.active:
+            self.enable_label_store()
+        if use_unlabeled and not self.parts["unlabeled"] and not self.partial_labels.active:
             raise ConfigError(
                 f"labeled_ratio={labeled_ratio} leaves no unlabeled image for a semi-supervised method; "
                 "lower labeled_ratio or use method=supervised"
@@ -178,6 +192,32 @@ class SemiSupervisedDataModule(L.LightningDataModule):
     def save_split(self, path: str | Path) -> None:
         self.split.save(path)
 
+    # ---- partial labels -------------------------------------------------------------------------
+    def enable_label_store(self) -> LabelStore:
+        """The store of the labeled images' current labels, created on first call (methods that grow labels
+        call this in ``setup``; with ``partial_labels.mode: none`` the masks are stored as they are)."""
+        if self.label_store is None:
+            spec = self.partial_labels if self.partial_labels.active else PartialLabels(mode="given")
+            self.label_store = LabelStore(
+                self.dataset, self.parts["labeled"], self.image_size, spec, share_memory=self.num_workers > 0
+            )
+        return self.label_store
+
+    def label_store_dataloader(self) -> DataLoader:
+        """The labeled images with evaluation views (resize + normalisation) and their store ``index``."""
+        store = self.enable_label_store()
+        store.fill()
+        if self._label_store_loader is None:  # kept: its persistent workers serve every growth
+            self._label_store_loader = self._loader(StoreDataset(store, self.eval_views), self.batch_size_eval, False)
+        return self._label_store_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"label_store": self.label_store.state_dict()} if self.label_store is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "label_store" in state_dict:
+            self.enable_label_store().load_state_dict(state_dict["label_store"])
+
     # ---- datasets and loaders -------------------------------------------------------------------
     def part_dataset(self, part: str, views: ViewMaker | None = None, with_masks: bool | None = None) -> SplitDataset:
         """The :class:`SplitDataset` of one part (``labeled``, ``unlabeled``, ``val``, ``test``)."""
@@ -206,8 +246,13 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> CombinedLoader:
-        loaders = {"labeled": self._loader(self.part_dataset("labeled"), self.batch_size_labeled, train=True)}
-        if self.use_unlabeled:
+        if self.label_store is not None:
+            self.label_store.fill()
+            labeled: Dataset = StoreDataset(self.label_store, self.labeled_views)
+        else:
+            labeled = self.part_dataset("labeled")
+        loaders = {"labeled": self._loader(labeled, self.batch_size_labeled, train=True)}
+        if self.use_unlabeled and self.parts["unlabeled"]:
             loaders["unlabeled"] = self._loader(self.part_dataset("unlabeled"), self.batch_size_unlabeled, train=True)
         return CombinedLoader(loaders, mode="max_size_cycle")
 

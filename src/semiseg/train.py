@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from semiseg import sweeps
 from semiseg.errors import ConfigError, exit_on_user_error
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
+from semiseg.resume import RunInterrupted, complete_results, last_checkpoint
+
+sweeps.register_resolvers()
 
 log = logging.getLogger("semiseg.train")
 
@@ -132,12 +138,33 @@ def make_results(
     }
 
 
+def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[str, str | None, dict | None]:
+    """What to do with ``resume``: ``("skip", None, results)`` when ``results.json`` is complete,
+    ``("resume", last.ckpt, None)`` when a last checkpoint exists, else ``("train", ckpt_path, None)``."""
+    if cfg.get("resume", False):
+        results = complete_results(output_dir / RESULTS_FILE, cfg)
+        if results is not None:
+            return "skipped", None, results
+        checkpoint = last_checkpoint(output_dir)
+        if checkpoint is not None:
+            return "resumed", str(checkpoint), None
+    return "trained", cfg.get("ckpt_path"), None
+
+
 @exit_on_user_error
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; return the content of ``results.json``."""
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    action, ckpt_path, finished = resume_point(cfg, output_dir)
+    sweeps.LAST_ACTION["action"] = action
+    if finished is not None:
+        log.info("resume: %s is complete, skipping this run", output_dir / RESULTS_FILE)
+        return finished
+    if action == "resumed":
+        log.info("resume: continuing from %s", ckpt_path)
+    torch.set_num_threads(sweeps.resolve_num_threads(cfg.get("num_threads", "auto")))
     L.seed_everything(cfg.seed, workers=True)
 
     method_class = get_class(cfg.method._target_)
@@ -156,7 +183,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except RunInterrupted as stop:
+        log.warning("%s", stop)
+        sys.exit(stop.exit_code)
     train_seconds = time.perf_counter() - started
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""

@@ -322,7 +322,9 @@ def plot_ratio_curves(table: Table, metric: str, out: Path) -> list[Path]:
     for dataset in sorted({c[0] for c in table.columns}):
         figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
         for row in table.rows:
-            points = [(r, table.cells[(row, d, r)]) for d, r in table.columns if d == dataset and (row, d, r) in table.cells]
+            points = [
+                (r, table.cells[(row, d, r)]) for d, r in table.columns if d == dataset and (row, d, r) in table.cells
+            ]
             if not points:
                 continue
             ratios = [r for r, _ in points]
@@ -387,7 +389,9 @@ def plot_ablations(runs: Sequence[Run], metric: str, out: Path) -> list[Path]:
         positions = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
         for (method, dataset, ratio, rest), points in sorted(series.items()):
             xs = sorted(points, key=_sort_key)
-            label = f"{method}, {dataset}, r={ratio:g}" + (f" ({', '.join(f'{k}={v}' for k, v in rest)})" if rest else "")
+            label = f"{method}, {dataset}, r={ratio:g}" + (
+                f" ({', '.join(f'{k}={v}' for k, v in rest)})" if rest else ""
+            )
             axes.errorbar(
                 [positions[x] for x in xs],
                 [statistics.fmean(points[x]) for x in xs],

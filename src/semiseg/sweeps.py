@@ -1,8 +1,10 @@
 """Sweeps: job folder names, CPU threads per job, and the multirun manifest.
 
-* ``job_dirname`` (an OmegaConf resolver) turns Hydra's ``override_dirname`` into a folder name: sorted
-  ``key=value`` pairs joined by commas, ``/`` replaced by ``-``, ``default`` when there is no override.
-  The name depends only on the job's overrides, so rerunning a sweep finds its jobs' folders again.
+* ``job_dirname`` (an OmegaConf resolver) names a job's folder by the values of the keys the sweep varies
+  (read from the sweeper's ``multirun.yaml``): sorted ``key=value`` pairs joined by commas, ``/`` replaced
+  by ``-``, e.g. ``labeled_ratio=0.1,method=cps,seed=0``. Overrides common to all jobs (budgets, image
+  sizes) stay out of the name. It depends only on the job's overrides, so rerunning a sweep finds its
+  jobs' folders again.
 * :func:`resolve_num_threads` gives each job ``cores // parallel jobs`` torch threads (``num_threads=auto``).
 * :class:`SweepManifest` (a Hydra callback) writes ``<sweep dir>/manifest.json`` and ``manifest.csv``:
   one row per job with its overrides, folder, status (``trained``, ``resumed``, ``skipped``, ``failed``)
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -36,15 +40,45 @@ MANIFEST_CSV = "manifest.csv"
 JOB_FILE = "job.json"
 
 
+MAX_DIRNAME = 200
+
+
 def job_dirname(override_dirname: str) -> str:
-    """A job's folder name from its ``override_dirname`` (safe as one path component)."""
+    """A folder name (one safe path component) from ``key=value,...`` text; ``default`` when empty."""
     name = str(override_dirname or "").replace(os.sep, "-").replace("/", "-").strip()
+    if len(name) > MAX_DIRNAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = f"{name[: MAX_DIRNAME - 11]}-{digest}"
     return name or "default"
+
+
+def swept_keys(sweep_dir: Path) -> set[str] | None:
+    """Keys the multirun in ``sweep_dir`` varies (from ``multirun.yaml``), or ``None`` when unknown."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return None
+    overrides = OmegaConf.load(path).hydra.overrides.task
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    return {o.get_key_element() for o in parsed if o.is_sweep_override()}
+
+
+def job_folder_name() -> str:
+    """The folder name of the current multirun job: its values of the swept keys (see module docstring)."""
+    hydra_cfg = HydraConfig.get()
+    excluded = set(hydra_cfg.job.config.override_dirname.exclude_keys)
+    keys = swept_keys(Path(str(hydra_cfg.sweep.dir)))
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in hydra_cfg.overrides.task])
+    items = sorted(
+        f"{o.get_key_element()}={o.get_value_element_as_str()}"
+        for o in parsed
+        if o.get_key_element() not in excluded and (keys is None or o.get_key_element() in keys)
+    )
+    return job_dirname(",".join(items))
 
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("job_dirname"):
-        OmegaConf.register_new_resolver("job_dirname", job_dirname)
+        OmegaConf.register_new_resolver("job_dirname", job_folder_name)
     if not OmegaConf.has_resolver("sweep_group"):
         OmegaConf.register_new_resolver("sweep_group", sweep_group)
 

@@ -164,7 +164,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return finished
     if action == "resumed":
         log.info("resume: continuing from %s", ckpt_path)
-    torch.set_num_threads(sweeps.resolve_num_threads(cfg.get("num_threads", "auto")))
+    threads = sweeps.resolve_num_threads(cfg.get("num_threads", "auto"))
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d", threads)
     L.seed_everything(cfg.seed, workers=True)
 
     method_class = get_class(cfg.method._target_)

@@ -190,7 +190,9 @@ class SemiSupervisedDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, train: bool, stream: int = 0) -> DataLoader:
         if train:
             # at least one full batch even when the part is smaller than the batch; resumable mid-epoch
-            sampler = ResumableRandomSampler(dataset, len(dataset), seed=self.seed * 2 + stream, min_per_rank=batch_size)
+            sampler = ResumableRandomSampler(
+                dataset, len(dataset), seed=self.seed * 2 + stream, min_per_rank=batch_size
+            )
             return ResumableDataLoader(
                 dataset,
                 sampler=sampler,

@@ -484,11 +484,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="folders of runs or multiruns (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: FIRST_FOLDER/report)")
     parser.add_argument("--metric", default="test/mIoU", help="results.json metric to compare (default test/mIoU)")
+    parser.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table and plots to W&B")
+    parser.add_argument("--wandb-group", default=None, help="W&B group of the report run (e.g. the sweep_name)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = make_report(args.folders, args.out, args.metric)
     print(table_markdown(report["table"], args.metric))
     print(f"{len(report['runs'])} runs -> {report['out']}/index.html ({len(report['plots'])} plots)")
+    if args.wandb:
+        from semiseg.wandb_logging import log_comparison
+
+        folder = log_comparison(report["table"], report["plots"], args.wandb, args.wandb_group, args.metric)
+        print(f"W&B report run: {folder}")
 
 
 if __name__ == "__main__":

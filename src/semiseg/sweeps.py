@@ -81,6 +81,15 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("job_dirname", job_folder_name)
     if not OmegaConf.has_resolver("sweep_group"):
         OmegaConf.register_new_resolver("sweep_group", sweep_group)
+    if not OmegaConf.has_resolver("experiment_name"):
+        OmegaConf.register_new_resolver("experiment_name", experiment_name)
+
+
+def experiment_name() -> str:
+    """The ``experiment=`` preset of this run (``none`` without one or outside a Hydra app)."""
+    if not HydraConfig.initialized():
+        return "none"
+    return str(HydraConfig.get().runtime.choices.get("experiment") or "none")
 
 
 def sweep_group(sweep_name: str) -> str:

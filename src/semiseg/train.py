@@ -24,6 +24,7 @@ from semiseg import sweeps
 from semiseg.errors import ConfigError, exit_on_user_error
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
 from semiseg.resume import RunInterrupted, complete_results, last_checkpoint
+from semiseg.wandb_logging import finish_run
 
 sweeps.register_resolvers()
 
@@ -196,6 +197,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=False)
     results = make_results(cfg, module, datamodule, trainer, tested[0] if tested else {}, train_seconds, output_dir)
     atomic_write_json(output_dir / RESULTS_FILE, results)
+    finish_run(loggers, results)
     metrics = results["metrics"]
     log.info(
         "test mIoU %s  mDice %s  -> %s",

@@ -41,6 +41,14 @@ def check_config(cfg: DictConfig) -> None:
     ratio = cfg.get("labeled_ratio")
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
         raise ConfigError(f"labeled_ratio={ratio!r} must be a number in (0, 1], e.g. labeled_ratio=0.1")
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("sync_batchnorm") and (
+        trainer.get("accelerator") == "cpu" or (trainer.get("accelerator") == "auto" and not torch.cuda.is_available())
+    ):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA-only); "
+            "use trainer.sync_batchnorm=false on the CPU"
+        )
     for key in ("seed", "split_seed"):
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -196,8 +204,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
     tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=False)
     results = make_results(cfg, module, datamodule, trainer, tested[0] if tested else {}, train_seconds, output_dir)
-    atomic_write_json(output_dir / RESULTS_FILE, results)
-    finish_run(loggers, results)
+    if trainer.is_global_zero:  # under DDP every rank holds the same synchronised metrics; one writes
+        atomic_write_json(output_dir / RESULTS_FILE, results)
+        finish_run(loggers, results)
     metrics = results["metrics"]
     log.info(
         "test mIoU %s  mDice %s  -> %s",

@@ -96,3 +96,22 @@ def test_num_threads() -> None:
     assert resolve_num_threads("auto") == len(os.sched_getaffinity(0))  # no multirun: all cores
     with pytest.raises(ConfigError, match="num_threads=0"):
         resolve_num_threads(0)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [("joblib", "JoblibLauncher"), ("submitit_local", "LocalLauncher"), ("submitit_slurm", "SlurmLauncher")],
+)
+def test_launcher_configs_compose(launcher: str, target: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from semiseg.train import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", [f"hydra/launcher={launcher}", "trainer=ddp"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "submitit_slurm":
+        assert cfg.hydra.launcher.tasks_per_node == cfg.trainer.devices == 2
+        assert cfg.hydra.launcher.partition is None and cfg.hydra.launcher.timeout_min > 0

@@ -72,6 +72,7 @@ class Run:
     results: dict[str, Any]
     overrides: dict[str, str] = field(default_factory=dict)
     max_steps: int | None = None
+    shown: frozenset[str] | None = None  # variant keys that differ between the reported runs
 
     @property
     def method(self) -> str:
@@ -91,7 +92,13 @@ class Run:
 
     @property
     def variant(self) -> tuple[tuple[str, str], ...]:
-        return tuple(sorted((k, v) for k, v in self.overrides.items() if is_variant_key(k)))
+        return tuple(
+            sorted(
+                (k, v)
+                for k, v in self.overrides.items()
+                if is_variant_key(k) and (self.shown is None or k in self.shown)
+            )
+        )
 
     @property
     def row(self) -> str:
@@ -158,6 +165,15 @@ def load_run(results_path: Path) -> Run | None:
         config = yaml.safe_load(config_file.read_text()) or {}
         max_steps = (config.get("trainer") or {}).get("max_steps")
     return Run(results_path.parent, results, overrides, max_steps)
+
+
+def mark_varying_keys(runs: Sequence[Run]) -> dict[str, str]:
+    """Show only the variant keys whose values differ between ``runs``; return the common ones."""
+    keys = {k for run in runs for k in run.overrides if is_variant_key(k)}
+    varying = frozenset(k for k in keys if len({run.overrides.get(k) for run in runs}) > 1)
+    for run in runs:
+        run.shown = varying
+    return {k: runs[0].overrides[k] for k in sorted(keys - varying)}
 
 
 def find_runs(folders: Sequence[Path]) -> list[Run]:
@@ -258,10 +274,15 @@ def column_name(column: tuple[str, float]) -> str:
     return f"{column[0]} r={column[1]:g}"
 
 
-def table_markdown(table: Table, metric: str) -> str:
+def common_text(common: dict[str, str] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (common or {}).items()) or "none"
+
+
+def table_markdown(table: Table, metric: str, common: dict[str, str] | None = None) -> str:
     header = ["method", *(column_name(c) for c in table.columns)]
     lines = [
         f"{metric}: mean ± sample std over seeds (number of seeds); best per column in bold",
+        f"overrides common to all runs: {common_text(common)}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---", *[":---:"] * len(table.columns)]) + "|",
@@ -430,7 +451,14 @@ def table_html(table: Table) -> str:
     return f"<table><tr><th>method</th>{head}</tr>{''.join(body)}</table>"
 
 
-def page_html(table: Table, metric: str, plots: Sequence[Path], runs: Sequence[Run], sources: Sequence[Path]) -> str:
+def page_html(
+    table: Table,
+    metric: str,
+    plots: Sequence[Path],
+    runs: Sequence[Run],
+    sources: Sequence[Path],
+    common: dict[str, str] | None = None,
+) -> str:
     images = "".join(
         f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"><figcaption>{html.escape(p.stem)}'
         "</figcaption></figure>"
@@ -451,7 +479,8 @@ def page_html(table: Table, metric: str, plots: Sequence[Path], runs: Sequence[R
         f"<!doctype html><html><head><meta charset='utf-8'><title>semiseg report</title><style>{style}</style>"
         f"</head><body><h1>semiseg comparison</h1><p>{len(runs)} runs from "
         f"{html.escape(', '.join(map(str, sources)))}. Cells: mean ± sample std of {html.escape(metric)} over "
-        "seeds (number of seeds); best per column in bold. Downloads: <a href='table.csv'>table.csv</a>, "
+        f"seeds (number of seeds); best per column in bold. Overrides common to all runs: "
+        f"{html.escape(common_text(common))}. Downloads: <a href='table.csv'>table.csv</a>, "
         f"<a href='cells.csv'>cells.csv</a>, <a href='table.md'>table.md</a>.</p>{table_html(table)}"
         f"<h2>Plots</h2>{images}<h2>Runs</h2><table><tr><th>method</th><th>dataset</th><th>ratio</th>"
         f"<th>seed</th><th>{html.escape(metric)}</th><th>protocol</th><th>folder</th></tr>{run_rows}</table>"
@@ -465,17 +494,18 @@ def make_report(folders: Sequence[Path], out: Path | None = None, metric: str = 
     folders = [Path(f) for f in folders]
     out = Path(out) if out else (folders[0] if folders[0].is_dir() else folders[0].parent) / "report"
     runs = [run for run in find_runs(folders) if out not in run.path.parents]
+    common = mark_varying_keys(runs)
     cells = build_cells(runs, metric)
     if not cells:
         raise ReportError(f"no run under {', '.join(map(str, folders))} has the metric {metric}")
     table = build_table(cells, higher_is_better="loss" not in metric)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table_markdown(table, metric))
+    (out / "table.md").write_text(table_markdown(table, metric, common))
     (out / "table.csv").write_text(table_csv(table))
     (out / "cells.csv").write_text(cells_csv(table))
     plots = plot_ratio_curves(table, metric, out) + plot_ablations(runs, metric, out)
-    (out / "index.html").write_text(page_html(table, metric, plots, runs, folders))
-    return {"out": out, "table": table, "plots": plots, "runs": runs}
+    (out / "index.html").write_text(page_html(table, metric, plots, runs, folders, common))
+    return {"out": out, "table": table, "plots": plots, "runs": runs, "common": common}
 
 
 @exit_on_user_error
@@ -489,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = make_report(args.folders, args.out, args.metric)
-    print(table_markdown(report["table"], args.metric))
+    print(table_markdown(report["table"], args.metric, report["common"]))
     print(f"{len(report['runs'])} runs -> {report['out']}/index.html ({len(report['plots'])} plots)")
     if args.wandb:
         from semiseg.wandb_logging import log_comparison

@@ -161,7 +161,7 @@ class ResumeCheckpoint(ModelCheckpoint):
             return
         every = self._every_n_train_steps
         due = self.received_signal is not None or (every and trainer.global_step % every == 0)
-        if not due or trainer.sanity_checking:
+        if not due or trainer.sanity_checking or trainer.fast_dev_run:
             return
         if self._validation_pending(trainer):
             self._deferred = True
@@ -179,7 +179,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         return  # never on epoch ends: the step schedule decides
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.interrupted and not trainer.sanity_checking and trainer.global_step > 0:
+        if not self.interrupted and not trainer.fast_dev_run and trainer.global_step > 0:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._restore_signal_handlers()
 

@@ -43,8 +43,12 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix src tests benchmarks
 	$(BIN)/ruff format src tests benchmarks
 
-bench: $(STAMP)  ## print throughput figures (benchmarks/)
-	$(BIN)/python benchmarks/throughput.py $(ARGS)
+bench: $(STAMP)  ## print speed and memory figures: data pipeline, then every method (benchmarks/)
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/methods.py $(ARGS)
+
+data: $(STAMP)  ## download the public datasets into SEMISEG_DATA_DIR (or ./data); ARGS="kosdd2 ..." (default: all)
+	$(BIN)/python -m semiseg.data.download $(or $(ARGS),all)
 
 clean:  ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -51,13 +51,28 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return factory
 
 
+@pytest.fixture(autouse=True, scope="session")
+def cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Caches written by any test (e.g. the datasets' mask index) go to a temporary folder, not the repo."""
+    previous = os.environ.get("SEMISEG_CACHE_DIR")
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["SEMISEG_CACHE_DIR"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("SEMISEG_CACHE_DIR", None)
+    else:
+        os.environ["SEMISEG_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def fake_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir holding every fake dataset in its official layout."""
+    from data.make_fake_datasets import make_fake_all
     from data.make_fake_mtiles import make_fake_mtiles
 
     root = tmp_path_factory.mktemp("data")
     make_fake_mtiles(root / "MTiles_data")
+    make_fake_all(root)  # NEU_data, DAGM_data, KoSDD2_data, Folder_data
     return root
 
 

@@ -118,3 +118,18 @@ def test_mtiles_on_fake_layout(fake_data_dir: Path, make_cfg) -> None:
     results = train(cfg)
     assert results["dataset"] == "mtiles" and "test/IoU/Blowhole" in results["metrics"]
     assert sum(results["split"].values()) == 20
+
+
+def test_channels_last_and_bf16_run(make_cfg) -> None:
+    results = train(make_cfg("performance.channels_last=true", "trainer.precision=bf16-mixed", "optimizer.fused=true"))
+    assert results["steps"] == 2 and results["metrics"]["test/mIoU"] is not None
+
+
+@pytest.mark.slow
+def test_compile_runs(make_cfg) -> None:
+    results = train(make_cfg("performance.compile=true"))
+    assert results["steps"] == 2
+
+
+def test_logger_none_runs(make_cfg) -> None:
+    assert train(make_cfg("logger=none"))["steps"] == 2

@@ -70,3 +70,17 @@ def exit_on_user_error(func: F) -> F:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapper  # type: ignore[return-value]
+
+
+def run_hydra_app(app: Callable[[], Any], started: Callable[[], bool]) -> None:
+    """Call a ``@hydra.main`` app so that Hydra's own errors exit with code 2 like ours.
+
+    Hydra reports an unknown config group option or a mistyped key itself (the message names the key and
+    lists the options) and exits with code 1 before the task function runs; ``started()`` tells whether it ran.
+    """
+    try:
+        app()
+    except SystemExit as done:
+        if done.code == 1 and not started():
+            raise SystemExit(EXIT_USER_ERROR) from None
+        raise

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,10 +20,11 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from semiseg import sweeps
-from semiseg.errors import ConfigError, exit_on_user_error
+from semiseg.errors import ConfigError, exit_on_user_error, run_hydra_app
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
 from semiseg.resume import RunInterrupted, complete_results, last_checkpoint
 from semiseg.wandb_logging import finish_run
@@ -53,6 +56,19 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}={value!r} must be an integer, e.g. {key}=0")
+    learning_rate = (cfg.get("optimizer") or {}).get("lr")
+    if learning_rate is not None and (
+        isinstance(learning_rate, bool) or not isinstance(learning_rate, int | float) or not learning_rate > 0
+    ):
+        raise ConfigError(f"optimizer.lr={learning_rate!r} must be a positive number, e.g. optimizer.lr=1e-3")
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or not (max_steps == -1 or max_steps > 0):
+        raise ConfigError(
+            f"trainer.max_steps={max_steps!r} must be a positive integer (or -1 to use trainer.max_epochs)"
+        )
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path}: no such checkpoint file; give the path of a saved .ckpt")
 
 
 def build_datamodule(cfg: DictConfig, method_class: type) -> Any:
@@ -77,7 +93,9 @@ def build_module(cfg: DictConfig) -> Any:
         scheduler=cfg.get("scheduler"),
         loss=cfg.loss,
         evaluation=cfg.evaluation,
+        numerics=cfg.get("numerics"),
         _recursive_=False,
+        _convert_="all",  # plain containers: hyperparameters pickle cleanly and checkpoints load weights_only
     )
     divisor = getattr(module.inference_network, "size_divisor", 1)
     height, width = cfg.dataset.image_size
@@ -87,6 +105,22 @@ def build_module(cfg: DictConfig) -> Any:
             f"dataset.image_size=[{height},{width}] must be a multiple of {divisor} for model={cfg.model.name}; "
             f"e.g. dataset.image_size=[{fixed[0]},{fixed[1]}]"
         )
+    return module
+
+
+def apply_performance(module: Any, performance: DictConfig | None) -> Any:
+    """Opt-in fast paths: ``channels_last`` memory format and ``torch.compile`` of every trainable network
+    (with ``compile_fallback: true``, a network that fails to compile runs eagerly instead of failing the run)."""
+    if not performance:
+        return module
+    if performance.get("channels_last"):
+        module = module.to(memory_format=torch.channels_last)
+    if performance.get("compile"):
+        if performance.get("compile_fallback", True):
+            torch._dynamo.config.suppress_errors = True
+        for name, child in list(module.named_children()):
+            if any(p.requires_grad for p in child.parameters()):
+                setattr(module, name, torch.compile(child, mode=performance.get("compile_mode")))
     return module
 
 
@@ -103,13 +137,9 @@ def _number(value: Any) -> float | None:
 
 
 def _best_step(path: str) -> int | None:
-    stem = Path(path).stem
-    if "step=" in stem:
-        try:
-            return int(stem.split("step=")[-1].split("-")[0])
-        except ValueError:
-            return None
-    return None
+    """The step in a checkpoint name ``best-step<k>.ckpt`` (names avoid ``=``, which Hydra overrides reserve)."""
+    match = re.search(r"step=?(\d+)", Path(path).stem)
+    return int(match.group(1)) if match else None
 
 
 def make_results(
@@ -160,6 +190,18 @@ def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[str, str | None, di
     return "trained", cfg.get("ckpt_path"), None
 
 
+def test_best(trainer: L.Trainer, module: Any, datamodule: Any, best: str) -> list[dict]:
+    """Test the best checkpoint (the module as it is without one), loading it with ``weights_only=True``
+    unless it holds more than tensors and plain containers (a method's extra state may)."""
+    if not best:
+        return trainer.test(module, datamodule=datamodule)
+    try:
+        return trainer.test(module, datamodule=datamodule, ckpt_path="best", weights_only=True)
+    except pickle.UnpicklingError:
+        log.info("%s holds more than weights; loading it with weights_only=False (it is this run's own file)", best)
+        return trainer.test(module, datamodule=datamodule, ckpt_path="best", weights_only=False)
+
+
 @exit_on_user_error
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; return the content of ``results.json``."""
@@ -182,10 +224,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg, method_class)
     datamodule.save_split(output_dir / SPLIT_FILE)
     log.info("split %s", datamodule.split.sizes())
-    module = build_module(cfg)
+    module = apply_performance(build_module(cfg), cfg.get("performance"))
 
     callbacks = build_list(cfg.get("callbacks"))
     loggers = build_list(cfg.get("logger"))
+    if not loggers:  # logger=none: callbacks that only feed a logger have nothing to write to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], _convert_="all"
     )
@@ -202,7 +246,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_seconds = time.perf_counter() - started
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, weights_only=False)
+    tested = test_best(trainer, module, datamodule, best)
     results = make_results(cfg, module, datamodule, trainer, tested[0] if tested else {}, train_seconds, output_dir)
     if trainer.is_global_zero:  # under DDP every rank holds the same synchronised metrics; one writes
         atomic_write_json(output_dir / RESULTS_FILE, results)
@@ -217,11 +261,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+_task_started = False
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    global _task_started
+    _task_started = True
     results = train(cfg)
     return results["metrics"].get(f"test/{cfg.evaluation.monitor.split('/', 1)[-1]}")
 
 
+def cli() -> None:
+    """The command line: like :func:`main`, but Hydra's own errors about the command line (an unknown
+    config group option, a mistyped key), which it reports before any run starts, exit with code 2 too."""
+    run_hydra_app(main, lambda: _task_started)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

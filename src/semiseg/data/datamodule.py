@@ -78,7 +78,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         dataset: the dataset (its pools are split here).
         labeled_ratio: share of the training images that keep their masks, ``0 < r <= 1``.
         split_seed: seed of the split (never the training seed).
-        val_fraction, test_fraction: held-out shares (``test_fraction`` only without an official test split).
+        val_fraction, test_fraction: held-out shares (each only without an official val / test split).
         image_size, mean, std: resizing and normalisation of the dataset.
         augmentation: ``{"weak": [...], "strong": [...]}`` albumentations transform configs.
         batch_size_labeled, batch_size_unlabeled, batch_size_eval: batch sizes.
@@ -154,7 +154,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             )
 
     def _all_samples(self) -> list[Sample]:
-        return [*self.dataset.train_samples, *(self.dataset.test_samples or []), *self.dataset.extra_unlabeled_samples]
+        return [
+            *self.dataset.train_samples,
+            *(self.dataset.test_samples or []),
+            *(self.dataset.val_samples or []),
+            *self.dataset.extra_unlabeled_samples,
+        ]
 
     def _make_split(
         self, labeled_ratio: float, split_seed: int, val_fraction: float, test_fraction: float, split_file: str | None
@@ -171,6 +176,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             val_fraction,
             test_fraction,
             extra_unlabeled=self.dataset.extra_unlabeled_samples,
+            val_pool=self.dataset.val_samples,
         )
 
     def save_split(self, path: str | Path) -> None:

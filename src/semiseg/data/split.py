@@ -153,6 +153,7 @@ def make_split(
     val_fraction: float,
     test_fraction: float,
     extra_unlabeled: Sequence[Sample] = (),
+    val_pool: Sequence[Sample] | None = None,
 ) -> Split:
     """Split a dataset's pools.
 
@@ -164,6 +165,7 @@ def make_split(
         val_fraction: share of the training pool held out for validation (model selection).
         test_fraction: share of the pool held out for testing when there is no official test split.
         extra_unlabeled: images that never had masks; always unlabeled.
+        val_pool: an official validation split, used as is (``val_fraction`` is then not used).
     """
     if not 0.0 < labeled_ratio <= 1.0:
         raise ConfigError(f"labeled_ratio={labeled_ratio} must lie in (0, 1]; e.g. labeled_ratio=0.1")
@@ -175,7 +177,10 @@ def make_split(
         test, pool = stratified_take(pool, test_fraction, _rng(split_seed, "test"), minimum=1)
     else:
         test = list(test_pool)
-    val, pool = stratified_take(pool, val_fraction, _rng(split_seed, "val"), minimum=1 if val_fraction else 0)
+    if val_pool is None:
+        val, pool = stratified_take(pool, val_fraction, _rng(split_seed, "val"), minimum=1 if val_fraction else 0)
+    else:
+        val = list(val_pool)
     if not pool:
         raise ConfigError(
             f"the split leaves no training images ({len(train_pool)} in the pool, val_fraction={val_fraction}, "
@@ -198,7 +203,7 @@ def make_split(
         meta={
             "labeled_ratio": labeled_ratio,
             "split_seed": split_seed,
-            "val_fraction": val_fraction,
+            "val_fraction": val_fraction if val_pool is None else None,
             "test_fraction": test_fraction if test_pool is None else None,
         },
     )

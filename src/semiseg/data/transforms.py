@@ -10,6 +10,7 @@ views are binary ``(H, W)`` masks of a random box (UniMatch's recipe), drawn per
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,11 @@ from hydra.utils import instantiate
 
 from semiseg.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 IMAGE_VIEWS = ("image", "image_strong", "image_strong2")
+# Transforms that swap height and width: only valid for square outputs.
+AXIS_SWAPPING = (A.RandomRotate90, A.Transpose)
 BOX_VIEWS = ("cutmix_box", "cutmix_box2")
 KNOWN_VIEWS = IMAGE_VIEWS + BOX_VIEWS
 
@@ -111,7 +116,14 @@ class ViewMaker:
         self.height, self.width = (int(v) for v in image_size)
         self.views = tuple(dict.fromkeys(("image", *views)))
         self.cutmix = dict(cutmix or {})
-        self.geometry = A.Compose([A.Resize(self.height, self.width), *build_transforms(weak, in_channels)])
+        weak_transforms = build_transforms(weak, in_channels)
+        if self.height != self.width:
+            # a 90-degree turn of a 512x256 image is 256x512: it would not batch with the others
+            dropped = [type(t).__name__ for t in weak_transforms if isinstance(t, AXIS_SWAPPING)]
+            if dropped:
+                log.info("image_size %dx%d is not square: leaving out %s", self.height, self.width, dropped)
+            weak_transforms = [t for t in weak_transforms if not isinstance(t, AXIS_SWAPPING)]
+        self.geometry = A.Compose([A.Resize(self.height, self.width), *weak_transforms])
         self.strong = A.Compose(build_transforms(strong, in_channels))
         self.finish = A.Compose([A.Normalize(mean=list(mean), std=list(std)), ToTensorV2()])
         self._seeded_with: int | None = None

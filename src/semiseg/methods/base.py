@@ -17,7 +17,9 @@ method returns is logged as ``train/<name>``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -26,13 +28,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, SemiSegError
 from semiseg.losses import ce_dice_loss, class_weight_tensor
 from semiseg.metrics import SegmentationMetrics
 from semiseg.models.base import SegmentationNetwork, count_trainable_parameters
 from semiseg.ramps import sigmoid_rampup
 
 Batch = dict[str, Any]
+
+
+class NonFiniteLossError(SemiSegError, FloatingPointError):
+    """A training loss became NaN or Inf; the message names the term and the step."""
+
+
 LossTerms = dict[str, torch.Tensor]
 
 
@@ -57,6 +65,9 @@ class SemiSupervisedModule(L.LightningModule):
             "monitor", "strict"}`` (Lightning's lr-scheduler dict).
         loss: supervised loss settings: ``ce_weight``, ``dice_weight``, ``class_weights``.
         evaluation: ``monitor``, ``mode``, ``background_index``, ``per_batch_metrics``.
+        numerics: what a non-finite (NaN or Inf) training loss does: ``on_nonfinite: stop`` (default: save a
+            debug checkpoint and stop with a message naming the loss term and the step) or ``skip`` (skip the
+            batch's update and count it in ``train/skipped_batches``; ``max_skipped`` stops the run after that many).
         name: the method's name (for logs and ``results.json``).
     """
 
@@ -73,6 +84,7 @@ class SemiSupervisedModule(L.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         loss: Mapping[str, Any] | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        numerics: Mapping[str, Any] | None = None,
         name: str | None = None,
         **method_options: Any,
     ) -> None:
@@ -82,6 +94,11 @@ class SemiSupervisedModule(L.LightningModule):
                 f"method '{name or type(self).__name__}' has no option(s) {sorted(method_options)}; "
                 "check the spelling of method.<key> overrides"
             )
+        # plain containers only, so that checkpoints load with torch.load(weights_only=True)
+        model, optimizer, scheduler, loss, evaluation, numerics = map(
+            _plain, (model, optimizer, scheduler, loss, evaluation, numerics)
+        )
+        class_names = list(class_names)
         self.save_hyperparameters(logger=False)
         self.model_config = dict(_plain(model))
         self.model_name = self.model_config.pop("name", None)
@@ -97,6 +114,12 @@ class SemiSupervisedModule(L.LightningModule):
         weights = class_weight_tensor(loss.get("class_weights"), self.num_classes)
         self.register_buffer("class_weights", weights if weights is not None else torch.empty(0), persistent=False)
         evaluation = dict(_plain(evaluation) or {})
+        numerics = dict(_plain(numerics) or {})
+        self.on_nonfinite = str(numerics.get("on_nonfinite", "stop"))
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"numerics.on_nonfinite={self.on_nonfinite!r} must be 'stop' or 'skip'")
+        self.max_skipped = numerics.get("max_skipped")
+        self.skipped_batches = 0
         self.method_name = name or type(self).__name__.lower()
         metric_args = {
             "class_names": self.class_names,
@@ -156,6 +179,11 @@ class SemiSupervisedModule(L.LightningModule):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.parameters() if p.requires_grad)
 
+    def optimizer_parameter_groups(self) -> list[Any]:
+        """The optimizer's ``params``: every trainable parameter, or parameter groups (dicts with their own
+        ``lr``, e.g. U2PL's 10x head learning rate) when a method overrides this."""
+        return list(self.trainable_parameters())
+
     @property
     def num_params(self) -> int:
         return count_trainable_parameters(self.inference_network)
@@ -179,14 +207,44 @@ class SemiSupervisedModule(L.LightningModule):
             terms = {**terms, "loss_unsup": unsupervised, **unsupervised_terms}
         return total, terms
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         loss, terms = self.training_losses(batch["labeled"], batch.get("unlabeled"))
         batch_size = batch["labeled"]["image"].shape[0]
+        if not bool(torch.isfinite(loss.detach()).all()):  # one host sync per step; the loss is a scalar
+            return self.handle_nonfinite_loss(loss, terms, batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
             value = value.detach() if torch.is_tensor(value) else torch.tensor(float(value))
             self.log(f"train/{name}", value.float(), batch_size=batch_size)
         return loss
+
+    def handle_nonfinite_loss(self, loss: torch.Tensor, terms: LossTerms, batch_size: int) -> None:
+        """A NaN/Inf loss: stop with a debug checkpoint (``on_nonfinite: stop``) or skip the update."""
+        culprits = [name for name, value in terms.items() if torch.is_tensor(value) and not torch.isfinite(value).all()]
+        # the most specific term: a named part of the unsupervised loss before its sum, else the first one
+        specific = [name for name in culprits if name not in ("loss_unsup",)]
+        term = f"train/{(specific or culprits or ['loss'])[0]}"
+        value = float(terms.get(term.removeprefix("train/"), loss).detach().float().mean())
+        if self.on_nonfinite == "skip":
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=batch_size)
+            if self.max_skipped is None or self.skipped_batches <= int(self.max_skipped):
+                return None
+        path = self.save_debug_checkpoint()
+        raise NonFiniteLossError(
+            f"loss term '{term}' is {value} at step {self.global_step} (method {self.method_name}); "
+            f"debug checkpoint: {path}. Lower optimizer.lr, enable trainer.gradient_clip_val, check the data, "
+            "or set numerics.on_nonfinite=skip to skip such batches"
+        )
+
+    def save_debug_checkpoint(self) -> str:
+        """Save the state at the faulty step as ``debug-nonfinite-step<k>.ckpt`` beside the run's checkpoints."""
+        trainer = self.trainer
+        callback = trainer.checkpoint_callback
+        folder = Path(getattr(callback, "dirpath", None) or trainer.default_root_dir)
+        path = folder / f"debug-nonfinite-step{self.global_step}.ckpt"
+        trainer.save_checkpoint(path)
+        return str(path)
 
     def _evaluate(self, batch: Batch, metrics: SegmentationMetrics, stage: str) -> torch.Tensor:
         logits = self.predict_logits(batch["image"])
@@ -213,9 +271,19 @@ class SemiSupervisedModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_metrics(self.test_metrics, "test")
 
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Make checkpoints self-describing: ``python -m semiseg.evaluate`` rebuilds the method from them."""
+        checkpoint["semiseg"] = {
+            "method_class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "method": self.method_name,
+            "model": self.model_name,
+            "class_names": list(self.class_names),
+        }
+
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        optimizer = _factory(self.optimizer_config)(params=list(self.trainable_parameters()))
+        optimizer = _factory(self.optimizer_config)(params=self.optimizer_parameter_groups())
         if not self.scheduler_config:
             return optimizer
         scheduler_config = dict(self.scheduler_config)
@@ -224,6 +292,8 @@ class SemiSupervisedModule(L.LightningModule):
             raise ConfigError("scheduler needs a 'scheduler' entry (a partial config with _target_)")
         if self.trainer is not None and self.trainer.max_steps and self.trainer.max_steps > 0:
             factory = _fill_total_steps(factory, self.trainer.max_steps)
+        elif self.trainer is not None and math.isfinite(self.trainer.estimated_stepping_batches):
+            factory = _fill_total_steps(factory, int(self.trainer.estimated_stepping_batches))  # budget in epochs
         scheduler_config["scheduler"] = _factory(factory)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": scheduler_config}
 

@@ -14,10 +14,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from semiseg.errors import DataError, DatasetNotFoundError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+EMPTY_MASK = -1
+"""``Sample.mask`` of a labeled image known to be all background (e.g. DAGM's defect-free images, which
+have no mask file): :meth:`DefectDataset.load` returns zeros of the image's size."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,8 @@ class Sample:
     Attributes:
         id: unique, stable identifier (written to ``split.json``).
         image: path of the image file, or the index of an in-memory image.
-        mask: path of the mask file, an in-memory index, or ``None`` for an image without any mask.
+        mask: path of the mask file, an in-memory index, :data:`EMPTY_MASK` for an all-background image
+            without a mask file, or ``None`` for an image without any mask.
         classes: defect classes present (the stratum of the split); ``None`` if unknown until loaded.
     """
 
@@ -58,6 +64,7 @@ class DefectDataset(abc.ABC):
         self.ignore_index = ignore_index
         self.train_samples: list[Sample] = []
         self.test_samples: list[Sample] | None = None
+        self.val_samples: list[Sample] | None = None
         self.extra_unlabeled_samples: list[Sample] = []
         self.index()
         if not self.train_samples:
@@ -69,8 +76,9 @@ class DefectDataset(abc.ABC):
 
     @abc.abstractmethod
     def index(self) -> None:
-        """Fill ``train_samples``, optionally ``test_samples`` (an official test split) and
-        ``extra_unlabeled_samples`` (images that never had masks). Must not decode images."""
+        """Fill ``train_samples``, optionally ``test_samples`` (an official test split), ``val_samples``
+        (an official validation split) and ``extra_unlabeled_samples`` (images that never had masks).
+        Must not decode images."""
 
     @abc.abstractmethod
     def load_mask(self, sample: Sample) -> np.ndarray:
@@ -86,6 +94,8 @@ class DefectDataset(abc.ABC):
         image = self.load_image(sample)
         if sample.mask is None:
             return image, None
+        if isinstance(sample.mask, int) and sample.mask == EMPTY_MASK:
+            return image, np.zeros(image.shape[:2], dtype=np.int64)
         mask = self.load_mask(sample)
         if mask.shape != image.shape[:2]:
             raise DataError(
@@ -122,6 +132,31 @@ def read_mask_file(path: Path) -> np.ndarray:
     if mask is None:
         raise DataError(f"{path}: cannot read this mask file (missing, empty or not an image)")
     if mask.ndim == 3:
+        mask = mask[:, :, 0]
+    return mask
+
+
+def read_label_mask(path: Path) -> np.ndarray:
+    """Read a mask whose stored values are labels, as ``(H, W)`` array of those values.
+
+    Unlike :func:`read_mask_file`, a palette ("P" mode) PNG gives its palette indices, not the colours
+    OpenCV would expand them to. Grayscale masks give their values; a colour mask whose three channels
+    are equal gives that channel. A colour mask with distinct channels is an error naming the file.
+    """
+    try:
+        with Image.open(path) as handle:
+            mode = handle.mode
+            mask = np.asarray(handle)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot read this mask file ({error})") from None
+    if mask.ndim == 3:
+        if mode in ("RGBA", "LA"):
+            mask = mask[:, :, :-1]
+        if mask.shape[2] > 1 and not all(np.array_equal(mask[:, :, 0], mask[:, :, c]) for c in range(1, mask.shape[2])):
+            raise DataError(
+                f"{path}: colour mask ({mode}) with different values per channel; store masks as single-channel "
+                "label images (grayscale or palette PNG) whose values are class indices"
+            )
         mask = mask[:, :, 0]
     return mask
 

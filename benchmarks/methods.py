@@ -1,0 +1,230 @@
+"""Per-method speed and memory (a benchmark, not a test): ``make bench`` or
+
+    python benchmarks/methods.py [--methods supervised,uaps,...] [--sizes 128 256] [--batch 8] [--steps 5]
+                                 [--precision 32-true|bf16-mixed] [--channels-last] [--compile]
+
+For every method config (``conf/method/*.yaml``; the generational self-training family is timed through its
+student, which is a supervised step) and every image size it prints and writes to ``bench_out/methods.{md,json}``:
+
+* training images/s: labeled + unlabeled images per second of full Lightning training steps (hooks such as EMA
+  updates included) on one fixed batch, so that no data loading is counted;
+* inference images/s of the network that runs at test time (``predict_logits``);
+* peak memory: CUDA's peak allocation on a GPU; on the CPU the growth of the process's peak resident set while
+  the method trains (each method runs in its own process so that the figures don't mix);
+* the step-time ratio to ``supervised`` beside the ratio of their FLOPs per training step (forward and backward,
+  counted with ``torch.utils.flop_counter``).
+
+The data pipeline alone is measured by ``benchmarks/throughput.py`` (``make bench`` runs both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+OUT = ROOT / "bench_out"
+GENERATIONAL = {"im", "noisy_student", "im_plus", "aim_plus", "im_plusplus", "aim_plusplus", "model_ensemble",
+                "input_ensemble", "consistency_loss", "aldt"}  # fmt: skip
+
+
+def all_methods() -> list[str]:
+    names = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+    return ["supervised", *[n for n in names if n != "supervised" and n not in GENERATIONAL]]
+
+
+class SameBatch:
+    """An iterable that yields one batch ``length`` times (so that no loading is timed)."""
+
+    def __init__(self, batch: dict, length: int) -> None:
+        self.batch, self.length = batch, length
+
+    def __iter__(self):
+        return iter([self.batch] * self.length)
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure(method: str, size: int, batch: int, steps: int, precision: str, channels_last: bool, compile_: bool):
+    """One method at one size, in this process: dict of figures."""
+    import lightning as L
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.utils import get_class
+    from omegaconf import open_dict
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from semiseg.train import CONFIG_DIR, build_datamodule, build_module
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                f"method={method}", f"dataset.image_size=[{size},{size}]", "++dataset.num_images=64",
+                f"data.batch_size_labeled={batch}", f"data.batch_size_unlabeled={batch}", "data.num_workers=0",
+                "labeled_ratio=0.25",
+            ],
+        )  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(OUT / "scratch")
+    L.seed_everything(0, workers=True)
+    method_class = get_class(cfg.method._target_)
+    datamodule = build_datamodule(cfg, method_class)
+    batch_data, *_ = next(iter(datamodule.train_dataloader()))
+    images_per_step = sum(part["image"].shape[0] for part in batch_data.values())
+    module = build_module(cfg)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+
+    # FLOPs of one training step (forward + backward), outside the trainer
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = module.training_losses(batch_data["labeled"], batch_data.get("unlabeled"))
+        loss.backward()
+    module.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+
+    class Timer(L.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.perf_counter() - self.started)
+
+    warmup = 2
+    timer = Timer()
+    rss_before = peak_rss_mib()
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, max_steps=warmup + steps, precision=precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        limit_val_batches=0, num_sanity_val_steps=0,
+    )  # fmt: skip
+    if compile_:
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Module) and any(p.requires_grad for p in child.parameters()):
+                setattr(module, name, torch.compile(child))
+    if accelerator == "gpu":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, train_dataloaders=SameBatch(batch_data, warmup + steps))
+    step_seconds = sorted(timer.times[warmup:])[len(timer.times[warmup:]) // 2]  # median
+    memory = torch.cuda.max_memory_allocated() / 2**20 if accelerator == "gpu" else peak_rss_mib() - rss_before
+
+    module.eval()
+    image = datamodule.part_dataset("test")[0]["image"]
+    test_batch = torch.stack([image] * batch).to(module.device)
+    if channels_last:
+        test_batch = test_batch.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(accelerator, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
+        for _ in range(2):
+            module.predict_logits(test_batch)
+        started = time.perf_counter()
+        for _ in range(steps):
+            module.predict_logits(test_batch)
+        infer_rate = steps * batch / (time.perf_counter() - started)
+    return {
+        "method": method, "size": size, "images_per_step": images_per_step,
+        "step_ms": round(step_seconds * 1000, 1), "train_img_s": round(images_per_step / step_seconds, 1),
+        "infer_img_s": round(infer_rate, 1), "gflops_per_step": round(flops / 1e9, 2),
+        "peak_mem_mib": round(memory, 1), "num_params_train": module.num_params_train, "num_params": module.num_params,
+    }  # fmt: skip
+
+
+def run_in_subprocess(args: argparse.Namespace, method: str) -> list[dict]:
+    command = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--steps", str(args.steps),
+               "--precision", args.precision, "--sizes", *map(str, args.sizes)]  # fmt: skip
+    command += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode or not lines:
+        print(f"  {method}: failed\n{done.stderr[-1500:]}", file=sys.stderr)
+        return []
+    return [json.loads(line) for line in lines]
+
+
+def table(rows: list[dict]) -> str:
+    base = {r["size"]: r for r in rows if r["method"] == "supervised"}
+    head = ("| method | size | train img/s | step ms | vs supervised | FLOPs vs supervised | infer img/s | "
+            "infer vs supervised | peak MiB | params (train / infer) |")  # fmt: skip
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        b = base.get(r["size"])
+        ratio = f"{r['step_ms'] / b['step_ms']:.2f}" if b else "-"
+        flops = f"{r['gflops_per_step'] / b['gflops_per_step']:.2f}" if b and b["gflops_per_step"] else "-"
+        infer = f"{b['infer_img_s'] / r['infer_img_s']:.2f}" if b else "-"
+        lines.append(
+            f"| {r['method']} | {r['size']}² | {r['train_img_s']} | {r['step_ms']} | {ratio} | {flops} | "
+            f"{r['infer_img_s']} | {infer} | {r['peak_mem_mib']} | {r['num_params_train']:,} / {r['num_params']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--batch", type=int, default=8, help="labeled and unlabeled batch size each")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        for size in sorted(args.sizes):
+            row = measure(args.worker, size, args.batch, args.steps, args.precision, args.channels_last, args.compile)
+            print(json.dumps(row), flush=True)
+        return
+
+    import torch
+
+    methods = all_methods() if args.methods == "all" else args.methods.split(",")
+    if "supervised" not in methods:
+        methods.insert(0, "supervised")
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")  # fmt: skip
+    settings = f"batch {args.batch} + {args.batch}, precision {args.precision}, channels_last {args.channels_last}, "
+    settings += f"compile {args.compile}, {args.steps} timed steps (median)"
+    print(f"# {machine}\n# {settings}", flush=True)
+    started = time.perf_counter()
+    rows: list[dict] = []
+    for method in methods:
+        new = run_in_subprocess(args, method)
+        for row in new:
+            print(f"  {row['method']:<16} {row['size']}²  {row['train_img_s']:>7} img/s train  "
+                  f"{row['infer_img_s']:>7} img/s infer  {row['gflops_per_step']:>8} GFLOP/step")  # fmt: skip
+        rows += new
+    rows.sort(key=lambda r: (r["size"], r["method"] != "supervised", r["method"]))
+    text = f"{machine}; {settings}\n\n{table(rows)}\n"
+    OUT.mkdir(exist_ok=True)
+    (OUT / "methods.md").write_text(text)
+    (OUT / "methods.json").write_text(json.dumps({"machine": machine, "settings": settings, "rows": rows}, indent=1))
+    print("\n" + table(rows))
+    print(f"\n{len(methods)} methods in {time.perf_counter() - started:.0f} s -> {OUT / 'methods.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,7 @@ from conftest import compose_config
 from semiseg.resume import complete_results
 from semiseg.train import train
 
-METHODS = ["supervised", "cps"]
+METHODS = ["supervised", "cps", "mean_teacher"]
 MAX_STEPS = 8
 SETTINGS = [
     f"trainer.max_steps={MAX_STEPS}",
@@ -55,12 +56,17 @@ def run(run_dir: Path, *overrides: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dict, Path]]:
-    runs = {}
-    for method in METHODS:
-        run_dir = tmp_path_factory.mktemp(f"straight-{method}")
-        runs[method] = (run(run_dir, f"method={method}"), run_dir)
-    return runs
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[dict, Path]]:
+    """The uninterrupted run of a method (trained once per module, on first use)."""
+    runs: dict[str, tuple[dict, Path]] = {}
+
+    def get(method: str) -> tuple[dict, Path]:
+        if method not in runs:
+            run_dir = tmp_path_factory.mktemp(f"straight-{method}")
+            runs[method] = (run(run_dir, f"method={method}"), run_dir)
+        return runs[method]
+
+    return get
 
 
 CASES = [
@@ -72,9 +78,9 @@ CASES = [
 
 @pytest.mark.parametrize(("method", "how", "step"), CASES)
 def test_killed_and_resumed_run_equals_uninterrupted_run(
-    method: str, how: str, step: int, uninterrupted: dict, tmp_path: Path
+    method: str, how: str, step: int, uninterrupted: Callable[[str], tuple[dict, Path]], tmp_path: Path
 ) -> None:
-    expected, expected_dir = uninterrupted[method]
+    expected, expected_dir = uninterrupted(method)
     stopper = [f"+callbacks.stop._target_={__name__}.StopAtStep", f"+callbacks.stop.step={step}"]
     stopper.append(f"+callbacks.stop.how={how}")
     if how == "crash":

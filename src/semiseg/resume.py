@@ -156,7 +156,24 @@ class ResumeCheckpoint(ModelCheckpoint):
             self.interrupted = True
             raise RunInterrupted(self.received_signal, trainer.global_step, self.last_path)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls callbacks' on_train_batch_end before the module's, where methods update state
+        # (EMA teachers, queues); the checkpoint must come after those, so it hooks in behind the module's
+        if stage != "fit" or getattr(pl_module, "_resume_checkpoint_hooked", False):
+            return
+        module_hook = pl_module.on_train_batch_end
+
+        def on_train_batch_end_then_checkpoint(*args: Any, **kwargs: Any) -> None:
+            module_hook(*args, **kwargs)
+            self._after_train_batch(trainer)
+
+        pl_module.on_train_batch_end = on_train_batch_end_then_checkpoint  # type: ignore[method-assign]
+        pl_module._resume_checkpoint_hooked = True
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        return  # see setup: the checkpoint is written after the module's own on_train_batch_end
+
+    def _after_train_batch(self, trainer: L.Trainer) -> None:
         if self.interrupted:
             return
         every = self._every_n_train_steps

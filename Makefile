@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help setup train test test-slow test-all lint format bench data clean
+.PHONY: help setup train test test-slow test-ddp test-all lint format bench data clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ test: $(STAMP)  ## run the tests (slow ones left out)
 
 test-slow: $(STAMP)  ## run only the slow tests
 	$(BIN)/python -m pytest -m "slow or real_data_slow" $(ARGS)
+
+test-ddp: $(STAMP)  ## run the DDP tests (2 CPU processes over gloo)
+	$(BIN)/python -m pytest -m ddp $(ARGS)
 
 test-all: $(STAMP)  ## run every test
 	$(BIN)/python -m pytest -m "" $(ARGS)

@@ -11,6 +11,7 @@ import logging
 import math
 import pickle
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,13 @@ from hydra.utils import get_class, get_method, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from semiseg import sweeps
 from semiseg.errors import ConfigError, exit_on_user_error, run_hydra_app
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
+from semiseg.resume import RunInterrupted, complete_results, last_checkpoint
+from semiseg.wandb_logging import finish_run
+
+sweeps.register_resolvers()
 
 log = logging.getLogger("semiseg.train")
 
@@ -38,6 +44,14 @@ def check_config(cfg: DictConfig) -> None:
     ratio = cfg.get("labeled_ratio")
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
         raise ConfigError(f"labeled_ratio={ratio!r} must be a number in (0, 1], e.g. labeled_ratio=0.1")
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("sync_batchnorm") and (
+        trainer.get("accelerator") == "cpu" or (trainer.get("accelerator") == "auto" and not torch.cuda.is_available())
+    ):
+        raise ConfigError(
+            "trainer.sync_batchnorm=true needs GPUs (torch's SyncBatchNorm is CUDA-only); "
+            "use trainer.sync_batchnorm=false on the CPU"
+        )
     for key in ("seed", "split_seed"):
         value = cfg.get(key)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -163,6 +177,19 @@ def make_results(
     }
 
 
+def resume_point(cfg: DictConfig, output_dir: Path) -> tuple[str, str | None, dict | None]:
+    """What to do with ``resume``: ``("skip", None, results)`` when ``results.json`` is complete,
+    ``("resume", last.ckpt, None)`` when a last checkpoint exists, else ``("train", ckpt_path, None)``."""
+    if cfg.get("resume", False):
+        results = complete_results(output_dir / RESULTS_FILE, cfg)
+        if results is not None:
+            return "skipped", None, results
+        checkpoint = last_checkpoint(output_dir)
+        if checkpoint is not None:
+            return "resumed", str(checkpoint), None
+    return "trained", cfg.get("ckpt_path"), None
+
+
 def test_best(trainer: L.Trainer, module: Any, datamodule: Any, best: str) -> list[dict]:
     """Test the best checkpoint (the module as it is without one), loading it with ``weights_only=True``
     unless it holds more than tensors and plain containers (a method's extra state may)."""
@@ -183,6 +210,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return get_method(cfg.method.driver)(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    action, ckpt_path, finished = resume_point(cfg, output_dir)
+    sweeps.LAST_ACTION["action"] = action
+    if finished is not None:
+        log.info("resume: %s is complete, skipping this run", output_dir / RESULTS_FILE)
+        return finished
+    if action == "resumed":
+        log.info("resume: continuing from %s", ckpt_path)
+    threads = sweeps.resolve_num_threads(cfg.get("num_threads", "auto"))
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d", threads)
     L.seed_everything(cfg.seed, workers=True)
 
     method_class = get_class(cfg.method._target_)
@@ -203,13 +240,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+    except RunInterrupted as stop:
+        log.warning("%s", stop)
+        sys.exit(stop.exit_code)
     train_seconds = time.perf_counter() - started
 
     best = getattr(trainer.checkpoint_callback, "best_model_path", "") if trainer.checkpoint_callback else ""
     tested = test_best(trainer, module, datamodule, best)
     results = make_results(cfg, module, datamodule, trainer, tested[0] if tested else {}, train_seconds, output_dir)
-    atomic_write_json(output_dir / RESULTS_FILE, results)
+    if trainer.is_global_zero:  # under DDP every rank holds the same synchronised metrics; one writes
+        atomic_write_json(output_dir / RESULTS_FILE, results)
+        finish_run(loggers, results)
     metrics = results["metrics"]
     log.info(
         "test mIoU %s  mDice %s  -> %s",

@@ -27,10 +27,11 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from semiseg.data.datasets.base import DefectDataset, Sample
 from semiseg.data.partial import LabelStore, PartialLabels, StoreDataset
+from semiseg.data.resumable import ResumableDataLoader, ResumableRandomSampler
 from semiseg.data.split import Split, check_split_ids, make_split
 from semiseg.data.transforms import ViewMaker
 from semiseg.errors import ConfigError
@@ -94,6 +95,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         split_file: reuse this ``split.json`` instead of making a split.
         pin_memory: ``"auto"`` pins when CUDA is available.
         partial_labels: the ``partial_labels`` config (``mode: none`` keeps full masks).
+        seed: seed of the training loaders' order (the run's ``seed``; never the split).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         split_file: str | None = None,
         pin_memory: bool | str = "auto",
         partial_labels: dict | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         for key, value in (
@@ -129,6 +132,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         if len(image_size) != 2 or min(image_size) < 1:
             raise ConfigError(f"dataset.image_size={list(image_size)} must be [height, width]")
         self.dataset = dataset
+        self.seed = int(seed)
         self.batch_size_labeled = batch_size_labeled
         self.batch_size_unlabeled = batch_size_unlabeled
         self.batch_size_eval = batch_size_eval
@@ -229,17 +233,25 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             with_masks=(part != "unlabeled") if with_masks is None else with_masks,
         )
 
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        sampler = None
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool, stream: int = 0) -> DataLoader:
         if train:
-            # at least one full batch even when the part is smaller than the batch
-            sampler = RandomSampler(dataset, num_samples=max(len(dataset), batch_size))
+            # at least one full batch even when the part is smaller than the batch; resumable mid-epoch
+            sampler = ResumableRandomSampler(
+                dataset, len(dataset), seed=self.seed * 2 + stream, min_per_rank=batch_size
+            )
+            return ResumableDataLoader(
+                dataset,
+                sampler=sampler,
+                batch_size=batch_size,
+                drop_last=True,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+                pin_memory=self.pin_memory,
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=sampler,
             shuffle=False,
-            drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
@@ -253,7 +265,9 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             labeled = self.part_dataset("labeled")
         loaders = {"labeled": self._loader(labeled, self.batch_size_labeled, train=True)}
         if self.use_unlabeled and self.parts["unlabeled"]:
-            loaders["unlabeled"] = self._loader(self.part_dataset("unlabeled"), self.batch_size_unlabeled, train=True)
+            loaders["unlabeled"] = self._loader(
+                self.part_dataset("unlabeled"), self.batch_size_unlabeled, train=True, stream=1
+            )
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:

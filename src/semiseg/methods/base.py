@@ -261,7 +261,8 @@ class SemiSupervisedModule(L.LightningModule):
 
     def _log_metrics(self, metrics: SegmentationMetrics, stage: str) -> None:
         values = metrics.compute()
-        self.log_dict({f"{stage}/{key}": value for key, value in values.items()})
+        # torchmetrics already reduced the states over ranks; sync_dist keeps Lightning's epoch-level logging consistent
+        self.log_dict({f"{stage}/{key}": value for key, value in values.items()}, sync_dist=True)
         metrics.reset()
 
     def on_validation_epoch_end(self) -> None:

@@ -1,0 +1,532 @@
+"""The comparison report: ``python -m semiseg.report DIR... [--out OUT] [--metric test/mIoU]``.
+
+Reads every ``results.json`` under the given folders (one or several multiruns, or single runs) and writes
+into ``DIR/report/`` (``--out`` to change):
+
+* ``table.md`` and ``table.csv`` — rows = method (plus its variant, see below), columns = dataset ×
+  labeled ratio, cells = mean ± sample standard deviation of the metric over seeds, with the number of
+  seeds ``(n)``; the best mean of each column is in bold (Markdown) / starred (CSV). ``cells.csv`` holds
+  the same numbers one cell per line.
+* ``ratio_<dataset>.png`` — the metric against the labeled ratio, one line per method, error bars = std.
+* ``ablation_<key>.png`` — for every config key that a sweep varied besides method, dataset, ratio and
+  seed (decoder counts, loss terms, coefficients, mixing, ...): the metric against that key's values,
+  one line per method × dataset × ratio, as in the UAPS paper's ablation figures.
+* ``index.html`` — all of it on one page.
+
+A run's *variant* is the set of its command-line overrides (``.hydra/overrides.yaml``) other than
+method, dataset, ratio, seed and keys that do not change results (paths, logger, threads, resume); runs
+with different variants get different rows. A cell only averages runs of one *protocol* — the same split
+(``split_seed`` and part sizes) and the same budget (``trainer.max_steps``); mixing protocols is refused
+with a message naming the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import io
+import json
+import logging
+import math
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from semiseg.errors import SemiSegError, exit_on_user_error
+
+log = logging.getLogger("semiseg.report")
+
+RESULTS_FILE = "results.json"
+# overrides that name the cell (method, dataset, ratio) or the repetition (seed), or change no result
+IDENTITY_KEYS = {"method", "dataset", "labeled_ratio", "seed"}
+PROTOCOL_KEYS = {"split_seed", "trainer.max_steps", "split_file"}
+NEUTRAL_PREFIXES = (
+    "hydra", "paths.", "logger", "resume", "sweep_name", "num_threads", "data.num_workers", "callbacks",
+    "trainer.devices", "trainer.num_nodes", "trainer.accelerator", "trainer.enable_", "trainer.log_every",
+    "ckpt_path", "experiment_tag",
+)  # fmt: skip
+ABLATION_KINDS = (
+    ("decoders", ("decoder",)),
+    ("mixing", ("mixing", "cutmix", "mix")),
+    ("loss terms", ("uncertainty", "use_", "loss.", "_loss", "weighting", "terms")),
+    ("coefficients", ("weight", "coef", "lambda", "alpha", "beta", "threshold", "temperature", "ramp")),
+)
+
+
+class ReportError(SemiSegError, ValueError):
+    """The results cannot be reported as asked (none found, or protocols mixed in one cell)."""
+
+
+@dataclass
+class Run:
+    """One finished run: where it is, its results and the overrides it was started with."""
+
+    path: Path
+    results: dict[str, Any]
+    overrides: dict[str, str] = field(default_factory=dict)
+    max_steps: int | None = None
+    shown: frozenset[str] | None = None  # variant keys that differ between the reported runs
+
+    @property
+    def method(self) -> str:
+        return str(self.results["method"])
+
+    @property
+    def dataset(self) -> str:
+        return str(self.results["dataset"])
+
+    @property
+    def ratio(self) -> float:
+        return float(self.results["labeled_ratio"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.results["seed"])
+
+    @property
+    def variant(self) -> tuple[tuple[str, str], ...]:
+        return tuple(
+            sorted(
+                (k, v)
+                for k, v in self.overrides.items()
+                if is_variant_key(k) and (self.shown is None or k in self.shown)
+            )
+        )
+
+    @property
+    def row(self) -> str:
+        variant = self.variant
+        return self.method + (f" ({', '.join(f'{k}={v}' for k, v in variant)})" if variant else "")
+
+    @property
+    def protocol(self) -> tuple[Any, ...]:
+        split = self.results.get("split") or {}
+        budget = self.max_steps if self.max_steps is not None else self.results.get("steps")
+        return (
+            int(self.results.get("split_seed", 0)),
+            tuple(sorted(split.items())),
+            budget,
+            self.overrides.get("split_file"),
+        )
+
+    def describe_protocol(self) -> str:
+        split_seed, split, budget, split_file = self.protocol
+        sizes = ", ".join(f"{k}={v}" for k, v in split)
+        extra = f", split_file={split_file}" if split_file else ""
+        return f"split_seed={split_seed}, split ({sizes}), budget={budget} steps{extra}"
+
+    def metric(self, name: str) -> float | None:
+        value = self.results.get("metrics", {}).get(name)
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def is_variant_key(key: str) -> bool:
+    key = key.lstrip("+~")
+    if key in IDENTITY_KEYS or key in PROTOCOL_KEYS:
+        return False
+    return not key.startswith(NEUTRAL_PREFIXES)
+
+
+def _parse_overrides(lines: Iterable[str]) -> dict[str, str]:
+    parsed = {}
+    for line in lines:
+        key, _, value = str(line).partition("=")
+        parsed[key.lstrip("+~")] = value
+    return parsed
+
+
+def load_run(results_path: Path) -> Run | None:
+    """A :class:`Run` from ``results.json`` and what lies next to it (``None`` if unreadable)."""
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        log.warning("skipping %s: %s", results_path, error)
+        return None
+    if not isinstance(results, dict) or not {"method", "dataset", "labeled_ratio", "seed", "metrics"} <= set(results):
+        log.warning("skipping %s: not a semiseg results.json", results_path)
+        return None
+    run_dir = results_path.parent
+    overrides: dict[str, str] = {}
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    if overrides_file.is_file():
+        overrides = _parse_overrides(yaml.safe_load(overrides_file.read_text()) or [])
+    elif isinstance(results.get("overrides"), list):
+        overrides = _parse_overrides(results["overrides"])
+    max_steps = None
+    config_file = run_dir / str(results.get("config") or "config.yaml")
+    if config_file.is_file():
+        config = yaml.safe_load(config_file.read_text()) or {}
+        max_steps = (config.get("trainer") or {}).get("max_steps")
+    return Run(results_path.parent, results, overrides, max_steps)
+
+
+def mark_varying_keys(runs: Sequence[Run]) -> dict[str, str]:
+    """Show only the variant keys whose values differ between ``runs``; return the common ones."""
+    keys = {k for run in runs for k in run.overrides if is_variant_key(k)}
+    varying = frozenset(k for k in keys if len({run.overrides.get(k) for run in runs}) > 1)
+    for run in runs:
+        run.shown = varying
+    return {k: runs[0].overrides[k] for k in sorted(keys - varying)}
+
+
+def find_runs(folders: Sequence[Path]) -> list[Run]:
+    runs = []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.exists():
+            raise ReportError(f"{folder} does not exist; give the folder of a run or a multirun")
+        paths = [folder] if folder.is_file() else sorted(folder.rglob(RESULTS_FILE))
+        runs.extend(run for path in paths if (run := load_run(path)) is not None)
+    if not runs:
+        raise ReportError(
+            f"no results.json under {', '.join(map(str, folders))}; give the folder of a finished run or multirun"
+        )
+    return runs
+
+
+@dataclass
+class Cell:
+    values: list[float]
+    runs: list[Run]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds (``None`` for a single seed)."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+def build_cells(runs: Sequence[Run], metric: str) -> dict[tuple[str, str, float], Cell]:
+    """``(row, dataset, ratio) -> Cell``; refuses cells that mix protocols."""
+    grouped: dict[tuple[str, str, float], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.metric(metric) is None:
+            log.warning("%s has no %s; left out", run.path, metric)
+            continue
+        grouped[(run.row, run.dataset, run.ratio)].append(run)
+    for (row, dataset, ratio), members in grouped.items():
+        protocols: dict[tuple, list[Run]] = defaultdict(list)
+        for run in members:
+            protocols[run.protocol].append(run)
+        if len(protocols) > 1:
+            lines = [
+                f"  {group[0].describe_protocol()}: {', '.join(str(r.path) for r in group)}"
+                for group in protocols.values()
+            ]
+            raise ReportError(
+                f"refusing to average runs of different protocols in one cell ({row}, {dataset}, "
+                f"labeled_ratio={ratio}):\n" + "\n".join(lines) + "\nreport these folders separately, or rerun "
+                "them with the same split (split_seed, dataset fractions) and budget (trainer.max_steps)"
+            )
+        seeds = [run.seed for run in members]
+        if len(set(seeds)) != len(seeds):
+            duplicates = sorted({s for s in seeds if seeds.count(s) > 1})
+            log.warning("(%s, %s, %s): seed(s) %s appear more than once", row, dataset, ratio, duplicates)
+    return {key: Cell([run.metric(metric) for run in members], members) for key, members in grouped.items()}  # type: ignore[misc]
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def cell_text(cell: Cell | None, digits: int = 4) -> str:
+    if cell is None:
+        return "–"
+    return f"{_fmt(cell.mean, digits)} ± {_fmt(cell.std, digits)} ({cell.n})"
+
+
+@dataclass
+class Table:
+    rows: list[str]
+    columns: list[tuple[str, float]]
+    cells: dict[tuple[str, str, float], Cell]
+    best: dict[tuple[str, float], str]
+
+    def cell(self, row: str, column: tuple[str, float]) -> Cell | None:
+        return self.cells.get((row, *column))
+
+
+def build_table(cells: dict[tuple[str, str, float], Cell], higher_is_better: bool = True) -> Table:
+    rows = sorted({key[0] for key in cells})
+    columns = sorted({(key[1], key[2]) for key in cells})
+    best = {}
+    for column in columns:
+        candidates = [(cells[(row, *column)].mean, row) for row in rows if (row, *column) in cells]
+        best[column] = (max if higher_is_better else min)(candidates)[1]
+    return Table(rows, columns, cells, best)
+
+
+def column_name(column: tuple[str, float]) -> str:
+    return f"{column[0]} r={column[1]:g}"
+
+
+def common_text(common: dict[str, str] | None) -> str:
+    return ", ".join(f"{k}={v}" for k, v in (common or {}).items()) or "none"
+
+
+def table_markdown(table: Table, metric: str, common: dict[str, str] | None = None) -> str:
+    header = ["method", *(column_name(c) for c in table.columns)]
+    lines = [
+        f"{metric}: mean ± sample std over seeds (number of seeds); best per column in bold",
+        f"overrides common to all runs: {common_text(common)}",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---", *[":---:"] * len(table.columns)]) + "|",
+    ]
+    for row in table.rows:
+        values = []
+        for column in table.columns:
+            text = cell_text(table.cell(row, column))
+            values.append(f"**{text}**" if table.best.get(column) == row else text)
+        lines.append("| " + " | ".join([row.replace("|", "\\|"), *values]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table_csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", *(column_name(c) for c in table.columns)])
+    for row in table.rows:
+        values = []
+        for column in table.columns:
+            text = cell_text(table.cell(row, column))
+            values.append(f"*{text}" if table.best.get(column) == row else text)
+        writer.writerow([row, *values])
+    return buffer.getvalue()
+
+
+def cells_csv(table: Table) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["method", "dataset", "labeled_ratio", "mean", "std", "n", "best", "seeds", "protocol"])
+    for row in table.rows:
+        for column in table.columns:
+            cell = table.cell(row, column)
+            if cell is None:
+                continue
+            writer.writerow(
+                [row, column[0], column[1], repr(cell.mean), "" if cell.std is None else repr(cell.std), cell.n,
+                 table.best.get(column) == row, " ".join(str(r.seed) for r in cell.runs),
+                 cell.runs[0].describe_protocol()]
+            )  # fmt: skip
+    return buffer.getvalue()
+
+
+# ---- plots ------------------------------------------------------------------------------------------------
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ratio_curves(table: Table, metric: str, out: Path) -> list[Path]:
+    """One PNG per dataset: the metric against the labeled ratio, one line per row, std error bars."""
+    plt = _pyplot()
+    written = []
+    for dataset in sorted({c[0] for c in table.columns}):
+        figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+        for row in table.rows:
+            points = [
+                (r, table.cells[(row, d, r)]) for d, r in table.columns if d == dataset and (row, d, r) in table.cells
+            ]
+            if not points:
+                continue
+            ratios = [r for r, _ in points]
+            means = [c.mean for _, c in points]
+            stds = [c.std or 0.0 for _, c in points]
+            axes.errorbar(ratios, means, yerr=stds, marker="o", capsize=3, label=row)
+        axes.set_xlabel("labeled ratio")
+        axes.set_ylabel(metric)
+        axes.set_title(f"{dataset}: {metric} against the labeled ratio")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        path = out / f"ratio_{_safe(dataset)}.png"
+        figure.savefig(path)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def ablation_kind(key: str) -> str:
+    lowered = key.lower()
+    for kind, needles in ABLATION_KINDS:
+        if any(needle in lowered for needle in needles):
+            return kind
+    return "settings"
+
+
+def _sort_key(value: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(value))
+    except ValueError:
+        return (1, value)
+
+
+def ablations(runs: Sequence[Run], metric: str) -> dict[str, dict[tuple, dict[str, list[float]]]]:
+    """``key -> (method, dataset, ratio, other variant keys) -> value of key -> metric values``, for every
+    variant key that takes at least two values among otherwise identical runs."""
+    found: dict[str, dict[tuple, dict[str, list[float]]]] = {}
+    keys = sorted({k for run in runs for k, _ in run.variant})
+    for key in keys:
+        series: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for run in runs:
+            variant = dict(run.variant)
+            value = run.metric(metric)
+            if value is None or key not in variant:
+                continue
+            rest = tuple((k, v) for k, v in sorted(variant.items()) if k != key)
+            series[(run.method, run.dataset, run.ratio, rest)][variant.pop(key)].append(value)
+        varied = {group: dict(values) for group, values in series.items() if len(values) > 1}
+        if varied:
+            found[key] = varied
+    return found
+
+
+def plot_ablations(runs: Sequence[Run], metric: str, out: Path) -> list[Path]:
+    plt = _pyplot()
+    written = []
+    for key, series in ablations(runs, metric).items():
+        figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+        values = sorted({v for points in series.values() for v in points}, key=_sort_key)
+        numeric = all(_sort_key(v)[0] == 0 for v in values)
+        positions = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
+        for (method, dataset, ratio, rest), points in sorted(series.items()):
+            xs = sorted(points, key=_sort_key)
+            label = f"{method}, {dataset}, r={ratio:g}" + (
+                f" ({', '.join(f'{k}={v}' for k, v in rest)})" if rest else ""
+            )
+            axes.errorbar(
+                [positions[x] for x in xs],
+                [statistics.fmean(points[x]) for x in xs],
+                yerr=[statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs],
+                marker="o", capsize=3, label=label,
+            )  # fmt: skip
+        if not numeric:
+            axes.set_xticks(list(positions.values()), list(positions))
+        axes.set_xlabel(key)
+        axes.set_ylabel(metric)
+        axes.set_title(f"ablation ({ablation_kind(key)}): {key}")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        path = out / f"ablation_{_safe(key)}.png"
+        figure.savefig(path)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+# ---- HTML ---------------------------------------------------------------------------------------------------
+def table_html(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(column_name(c))}</th>" for c in table.columns)
+    body = []
+    for row in table.rows:
+        cells = []
+        for column in table.columns:
+            text = html.escape(cell_text(table.cell(row, column)))
+            cells.append(f"<td><b>{text}</b></td>" if table.best.get(column) == row else f"<td>{text}</td>")
+        body.append(f"<tr><th>{html.escape(row)}</th>{''.join(cells)}</tr>")
+    return f"<table><tr><th>method</th>{head}</tr>{''.join(body)}</table>"
+
+
+def page_html(
+    table: Table,
+    metric: str,
+    plots: Sequence[Path],
+    runs: Sequence[Run],
+    sources: Sequence[Path],
+    common: dict[str, str] | None = None,
+) -> str:
+    images = "".join(
+        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"><figcaption>{html.escape(p.stem)}'
+        "</figcaption></figure>"
+        for p in plots
+    )
+    run_rows = "".join(
+        f"<tr><td>{html.escape(r.row)}</td><td>{html.escape(r.dataset)}</td><td>{r.ratio:g}</td><td>{r.seed}</td>"
+        f"<td>{_fmt(r.metric(metric))}</td><td>{html.escape(r.describe_protocol())}</td>"
+        f"<td>{html.escape(str(r.path))}</td></tr>"
+        for r in sorted(runs, key=lambda r: (r.row, r.dataset, r.ratio, r.seed))
+    )
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:center}figure{display:inline-block;margin:1em}"
+        "img{max-width:560px}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>semiseg report</title><style>{style}</style>"
+        f"</head><body><h1>semiseg comparison</h1><p>{len(runs)} runs from "
+        f"{html.escape(', '.join(map(str, sources)))}. Cells: mean ± sample std of {html.escape(metric)} over "
+        f"seeds (number of seeds); best per column in bold. Overrides common to all runs: "
+        f"{html.escape(common_text(common))}. Downloads: <a href='table.csv'>table.csv</a>, "
+        f"<a href='cells.csv'>cells.csv</a>, <a href='table.md'>table.md</a>.</p>{table_html(table)}"
+        f"<h2>Plots</h2>{images}<h2>Runs</h2><table><tr><th>method</th><th>dataset</th><th>ratio</th>"
+        f"<th>seed</th><th>{html.escape(metric)}</th><th>protocol</th><th>folder</th></tr>{run_rows}</table>"
+        "</body></html>\n"
+    )
+
+
+# ---- entry point -----------------------------------------------------------------------------------------------
+def make_report(folders: Sequence[Path], out: Path | None = None, metric: str = "test/mIoU") -> dict[str, Any]:
+    """Write the report of the runs under ``folders`` into ``out`` (default ``folders[0]/report``)."""
+    folders = [Path(f) for f in folders]
+    out = Path(out) if out else (folders[0] if folders[0].is_dir() else folders[0].parent) / "report"
+    runs = [run for run in find_runs(folders) if out not in run.path.parents]
+    common = mark_varying_keys(runs)
+    cells = build_cells(runs, metric)
+    if not cells:
+        raise ReportError(f"no run under {', '.join(map(str, folders))} has the metric {metric}")
+    table = build_table(cells, higher_is_better="loss" not in metric)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table_markdown(table, metric, common))
+    (out / "table.csv").write_text(table_csv(table))
+    (out / "cells.csv").write_text(cells_csv(table))
+    plots = plot_ratio_curves(table, metric, out) + plot_ablations(runs, metric, out)
+    (out / "index.html").write_text(page_html(table, metric, plots, runs, folders, common))
+    return {"out": out, "table": table, "plots": plots, "runs": runs, "common": common}
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m semiseg.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", type=Path, help="folders of runs or multiruns (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: FIRST_FOLDER/report)")
+    parser.add_argument("--metric", default="test/mIoU", help="results.json metric to compare (default test/mIoU)")
+    parser.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table and plots to W&B")
+    parser.add_argument("--wandb-group", default=None, help="W&B group of the report run (e.g. the sweep_name)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report = make_report(args.folders, args.out, args.metric)
+    print(table_markdown(report["table"], args.metric, report["common"]))
+    print(f"{len(report['runs'])} runs -> {report['out']}/index.html ({len(report['plots'])} plots)")
+    if args.wandb:
+        from semiseg.wandb_logging import log_comparison
+
+        folder = log_comparison(report["table"], report["plots"], args.wandb, args.wandb_group, args.metric)
+        print(f"W&B report run: {folder}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

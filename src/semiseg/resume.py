@@ -1,0 +1,245 @@
+"""Resumable runs: the resume checkpoint, RNG states, signal handling and what ``resume=true`` does.
+
+``checkpoints/last.ckpt`` holds everything needed to continue a run as if it had never stopped: weights,
+optimizer and scheduler states, the loop position (so ramp-ups continue from the same step), every
+callback's state (the best checkpoint so far), the positions of the training loaders
+(:mod:`semiseg.data.resumable`) and the random number generators of torch, NumPy and Python.
+
+:class:`ResumeCheckpoint` writes it every ``every_n_train_steps`` steps, at the end of training, and when
+the process receives SIGTERM or SIGINT (then the run stops cleanly and exits with ``128 + signal``; a
+second Ctrl-C interrupts at once). A checkpoint is only ever written at a step boundary where no
+validation is pending, so the resumed run repeats nothing and skips nothing.
+
+What stays nondeterministic: with ``data.num_workers > 0`` the augmentations run in worker processes whose
+random state is not saved, so a resumed run continues with freshly seeded workers (same distribution,
+other draws); on GPUs, kernels without deterministic implementations differ run to run unless
+``trainer.deterministic=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig
+
+log = logging.getLogger("semiseg.resume")
+
+LAST_CHECKPOINT = "last.ckpt"
+RNG_KEY = "semiseg_rng_states"
+RESULT_KEYS = ("method", "dataset", "model", "labeled_ratio", "seed", "split_seed", "metrics", "steps")
+
+
+# ---- random number generators ------------------------------------------------------------------------
+def rng_states() -> dict[str, Any]:
+    """The global RNG states of torch (CPU and CUDA), NumPy and Python, as checkpoint-safe values."""
+    numpy_state = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RunInterrupted(Exception):
+    """Raised after the checkpoint written on a signal; the entry point exits with ``128 + signum``."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(
+            f"{signal.Signals(signum).name} at step {step}: state saved to {checkpoint}; "
+            "rerun the same command with resume=true to continue"
+        )
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+# ---- the checkpoint callback --------------------------------------------------------------------------
+class ResumeCheckpoint(ModelCheckpoint):
+    """``checkpoints/last.ckpt`` every ``every_n_train_steps`` steps, at the end of training and on
+    SIGTERM/SIGINT; the global RNG states ride along in every checkpoint the trainer writes.
+
+    Args:
+        dirpath: the run's checkpoint folder.
+        every_n_train_steps: steps between checkpoints (0: only at the end and on signals).
+        signals: signal names that trigger a checkpoint and a clean stop.
+    """
+
+    def __init__(
+        self, dirpath: str, every_n_train_steps: int = 100, signals: tuple[str, ...] = ("SIGTERM", "SIGINT")
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename="last",
+            monitor=None,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=max(0, int(every_n_train_steps)) or None,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        )
+        self.signal_names = tuple(signals)
+        self.received_signal: int | None = None
+        self.interrupted = False
+        self._previous_handlers: dict[int, Any] = {}
+        self._deferred = False
+
+    @property
+    def state_key(self) -> str:
+        return "ResumeCheckpoint"
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.dirpath or ".") / LAST_CHECKPOINT
+
+    # -- signals
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.received_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received_signal = signum
+        log.warning("received %s: writing %s at the end of this step", signal.Signals(signum).name, self.last_path)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for name in self.signal_names:
+            number = getattr(signal, name)
+            try:
+                self._previous_handlers[number] = signal.signal(number, self._on_signal)
+            except ValueError:  # not the main thread: leave signals to the caller
+                break
+
+    def _restore_signal_handlers(self) -> None:
+        for number, handler in self._previous_handlers.items():
+            if signal.getsignal(number) == self._on_signal:  # Lightning may have restored its own already
+                signal.signal(number, handler)
+        self._previous_handlers = {}
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore_signal_handlers()
+
+    # -- when to save
+    def _validation_pending(self, trainer: L.Trainer) -> bool:
+        """Whether validation runs right after this training step (then saving waits for it)."""
+        loop = trainer.fit_loop.epoch_loop
+        try:
+            return bool(trainer.enable_validation and loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+        except (AttributeError, TypeError):  # a Lightning without these internals: save now
+            return False
+
+    def _save_and_maybe_stop(self, trainer: L.Trainer) -> None:
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.received_signal is not None:
+            # stop at once: trainer.should_stop would first run one more validation, which could replace
+            # the best checkpoint behind the back of the state just saved
+            self.interrupted = True
+            raise RunInterrupted(self.received_signal, trainer.global_step, self.last_path)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls callbacks' on_train_batch_end before the module's, where methods update state
+        # (EMA teachers, queues); the checkpoint must come after those, so it hooks in behind the module's
+        if stage != "fit" or getattr(pl_module, "_resume_checkpoint_hooked", False):
+            return
+        module_hook = pl_module.on_train_batch_end
+
+        def on_train_batch_end_then_checkpoint(*args: Any, **kwargs: Any) -> None:
+            module_hook(*args, **kwargs)
+            self._after_train_batch(trainer)
+
+        pl_module.on_train_batch_end = on_train_batch_end_then_checkpoint  # type: ignore[method-assign]
+        pl_module._resume_checkpoint_hooked = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any) -> None:
+        return  # see setup: the checkpoint is written after the module's own on_train_batch_end
+
+    def _after_train_batch(self, trainer: L.Trainer) -> None:
+        if self.interrupted:
+            return
+        every = self._every_n_train_steps
+        due = self.received_signal is not None or (every and trainer.global_step % every == 0)
+        if not due or trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        if self._validation_pending(trainer):
+            self._deferred = True
+        else:
+            self._save_and_maybe_stop(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.interrupted:
+            return
+        if self._deferred or self.received_signal is not None:
+            self._deferred = False
+            self._save_and_maybe_stop(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        return  # never on epoch ends: the step schedule decides
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.interrupted and not trainer.fast_dev_run and trainer.global_step > 0:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._restore_signal_handlers()
+
+    # -- RNG states in every checkpoint
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RNG_KEY] = rng_states()
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if RNG_KEY in checkpoint:
+            set_rng_states(checkpoint[RNG_KEY])
+
+
+def find_resume_callback(trainer: L.Trainer) -> ResumeCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint)), None)
+
+
+# ---- what resume=true does ----------------------------------------------------------------------------
+def complete_results(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The run's ``results.json`` when it is complete for ``cfg`` (same run, full budget), else ``None``."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(results, dict) or any(key not in results for key in RESULT_KEYS):
+        return None
+    expected = {
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "labeled_ratio": float(cfg.labeled_ratio),
+        "seed": int(cfg.seed),
+        "split_seed": int(cfg.split_seed),
+    }
+    if any(results[key] != value for key, value in expected.items()):
+        return None
+    if results["metrics"].get("test/mIoU", "missing") == "missing":
+        return None
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if not cfg.trainer.get("fast_dev_run") and max_steps and max_steps > 0 and results["steps"] < max_steps:
+        return None  # the budget grew: continue from last.ckpt
+    return results
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    path = Path(output_dir) / "checkpoints" / LAST_CHECKPOINT
+    return path if path.is_file() else None

@@ -31,6 +31,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
+from semiseg.results import run_identity
+
 log = logging.getLogger("semiseg.resume")
 
 LAST_CHECKPOINT = "last.ckpt"
@@ -222,14 +224,7 @@ def complete_results(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
         return None
     if not isinstance(results, dict) or any(key not in results for key in RESULT_KEYS):
         return None
-    expected = {
-        "method": cfg.method.name,
-        "dataset": cfg.dataset.name,
-        "model": cfg.model.name,
-        "labeled_ratio": float(cfg.labeled_ratio),
-        "seed": int(cfg.seed),
-        "split_seed": int(cfg.split_seed),
-    }
+    expected = run_identity(cfg)
     if any(results[key] != value for key, value in expected.items()):
         return None
     if results["metrics"].get("test/mIoU", "missing") == "missing":

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from semiseg import sweeps
 from semiseg.errors import ConfigError, exit_on_user_error, run_hydra_app
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
+from semiseg.results import run_identity
 from semiseg.resume import RunInterrupted, complete_results, last_checkpoint
 from semiseg.wandb_logging import finish_run
 
@@ -155,12 +156,7 @@ def make_results(
     best_path = getattr(checkpoint, "best_model_path", "") or ""
     best_score = getattr(checkpoint, "best_model_score", None)
     return {
-        "method": cfg.method.name,
-        "dataset": cfg.dataset.name,
-        "model": cfg.model.name,
-        "labeled_ratio": float(cfg.labeled_ratio),
-        "seed": int(cfg.seed),
-        "split_seed": int(cfg.split_seed),
+        **run_identity(cfg),
         "num_params": int(module.num_params),
         "num_params_train": int(module.num_params_train),
         "split": datamodule.split.sizes(),

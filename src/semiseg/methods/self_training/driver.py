@@ -480,17 +480,13 @@ class SelfTrainingRun:
 
     def results(self, best: dict[str, Any], generations: list[dict[str, Any]]) -> dict[str, Any]:
         """``results.json``: the suite's schema for the final generation's best student, plus ``generations``."""
+        from semiseg.results import run_identity
         from semiseg.train import CONFIG_FILE
 
         cfg = self.cfg
         checkpoint = best.get("checkpoint")
         return {
-            "method": cfg.method.name,
-            "dataset": cfg.dataset.name,
-            "model": cfg.model.name,
-            "labeled_ratio": float(cfg.labeled_ratio),
-            "seed": int(cfg.seed),
-            "split_seed": int(cfg.split_seed),
+            **run_identity(cfg),
             "num_params": best["num_params"],
             "num_params_train": best["num_params_train"],
             "split": self.datamodule.split.sizes(),

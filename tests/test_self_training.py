@@ -233,6 +233,7 @@ def test_two_generation_run(make_cfg, tmp_path: Path) -> None:
 
 def test_resume_in_the_middle_of_a_generation(make_cfg, tmp_path: Path, monkeypatch) -> None:
     overrides = ("method=im", "method.generations=1", *TINY_LOOP, "trainer.max_steps=3")
+    overrides = (*overrides, "callbacks.resume_checkpoint.every_n_train_steps=1")  # last.ckpt at every step
     original_step = Student.training_step
 
     def crashing_step(self, batch, batch_idx):

@@ -213,6 +213,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return finished
     if action == "resumed":
         log.info("resume: continuing from %s", ckpt_path)
+    elif (output_dir / RESULTS_FILE).exists() or last_checkpoint(output_dir) is not None:
+        raise ConfigError(
+            f"hydra.run.dir={output_dir} already holds another run (results.json or checkpoints/last.ckpt); "
+            "choose a new directory, or add resume=true to continue that run"
+        )
     threads = sweeps.resolve_num_threads(cfg.get("num_threads", "auto"))
     torch.set_num_threads(threads)
     log.info("torch threads: %d", threads)

@@ -1,18 +1,20 @@
 """Per-method speed and memory (a benchmark, not a test): ``make bench`` or
 
-    python benchmarks/methods.py [--methods supervised,uaps,...] [--sizes 128 256] [--batch 8] [--steps 5]
-                                 [--precision 32-true|bf16-mixed] [--channels-last] [--compile]
+    python benchmarks/methods.py [--methods supervised,uaps,...] [--sizes 128 256] [--batch 8] [--steps 3]
+                                 [--precision 32-true|bf16-mixed] [--channels-last] [--compile] [--isolate]
 
-For every method config (``conf/method/*.yaml``; the generational self-training family is timed through its
-student, which is a supervised step) and every image size it prints and writes to ``bench_out/methods.{md,json}``:
+For every method config (``conf/method/*.yaml``, but the generational self-training family, whose students train
+supervised steps, ``cps_rg``, which grows labels held by the DataModule, and the ``*_cpu`` schedule variants) and
+every image size it prints and writes to ``bench_out/methods.{md,json}``:
 
 * training images/s: labeled + unlabeled images per second of full Lightning training steps (hooks such as EMA
-  updates included) on one fixed batch, so that no data loading is counted;
+  updates included) on one fixed batch, so that no data loading is counted (median of the timed steps);
 * inference images/s of the network that runs at test time (``predict_logits``);
-* peak memory: CUDA's peak allocation on a GPU; on the CPU the growth of the process's peak resident set while
-  the method trains (each method runs in its own process so that the figures don't mix);
-* the step-time ratio to ``supervised`` beside the ratio of their FLOPs per training step (forward and backward,
-  counted with ``torch.utils.flop_counter``).
+* peak memory: CUDA's peak allocation on a GPU; on the CPU the growth of the peak resident set while the method
+  trains (the peak is reset per method through ``/proc/self/clear_refs``; ``--isolate`` runs each method in its
+  own process instead);
+* the step-time ratio to ``supervised`` beside the ratio of their FLOPs per training step (forward, backward and
+  update of the first step, counted with ``torch.utils.flop_counter``; "-" where the counter cannot follow a step).
 
 The data pipeline alone is measured by ``benchmarks/throughput.py`` (``make bench`` runs both).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -37,9 +40,15 @@ GENERATIONAL = {"im", "noisy_student", "im_plus", "aim_plus", "im_plusplus", "ai
                 "input_ensemble", "consistency_loss", "aldt"}  # fmt: skip
 
 
+# cps_rg grows labels held by the DataModule, so it cannot train on one fixed batch; *_cpu configs are the same
+# networks and losses as their method with other schedules.
+NOT_PER_STEP = {"cps_rg"}
+
+
 def all_methods() -> list[str]:
     names = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
-    return ["supervised", *[n for n in names if n != "supervised" and n not in GENERATIONAL]]
+    skip = GENERATIONAL | NOT_PER_STEP
+    return ["supervised", *[n for n in names if n != "supervised" and n not in skip and not n.endswith("_cpu")]]
 
 
 class SameBatch:
@@ -55,7 +64,23 @@ class SameBatch:
         return self.length
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux: ``clear_refs`` 5); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mib() -> float:
+    """Peak resident set since the last reset (``VmHWM``), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -92,42 +117,61 @@ def measure(method: str, size: int, batch: int, steps: int, precision: str, chan
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
 
-    # FLOPs of one training step (forward + backward), outside the trainer
-    counter = FlopCounterMode(display=False)
-    with counter:
-        loss, _ = module.training_losses(batch_data["labeled"], batch_data.get("unlabeled"))
-        loss.backward()
-    module.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
-
-    class Timer(L.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self.started = time.perf_counter()
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            self.times.append(time.perf_counter() - self.started)
-
-    warmup = 2
-    timer = Timer()
-    rss_before = peak_rss_mib()
+    warmup = 1
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    trainer = L.Trainer(
-        accelerator=accelerator, devices=1, max_steps=warmup + steps, precision=precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-        limit_val_batches=0, num_sanity_val_steps=0,
-    )  # fmt: skip
     if compile_:
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Module) and any(p.requires_grad for p in child.parameters()):
                 setattr(module, name, torch.compile(child))
-    if accelerator == "gpu":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, train_dataloaders=SameBatch(batch_data, warmup + steps))
-    step_seconds = sorted(timer.times[warmup:])[len(timer.times[warmup:]) // 2]  # median
-    memory = torch.cuda.max_memory_allocated() / 2**20 if accelerator == "gpu" else peak_rss_mib() - rss_before
+
+    class Timer(L.Callback):
+        """Times every training step; counts the FLOPs of the first (warm-up) step: forward, backward, update."""
+
+        def __init__(self, count_flops: bool) -> None:
+            self.times: list[float] = []
+            self.flops: int | None = None
+            self.counter = FlopCounterMode(display=False) if count_flops else None
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            if self.counter is not None and not self.times:
+                self.counter.__enter__()
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            self.times.append(time.perf_counter() - self.started)
+            if self.counter is not None and len(self.times) == 1:
+                self.counter.__exit__(None, None, None)
+                self.flops = self.counter.get_total_flops()
+
+    def fit(count_flops: bool) -> tuple[Timer, float]:
+        timer = Timer(count_flops)
+        reset_peak_rss()
+        rss_before = peak_rss_mib()
+        if accelerator == "gpu":
+            torch.cuda.reset_peak_memory_stats()
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=1, max_steps=warmup + steps, precision=precision, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+            limit_val_batches=0, num_sanity_val_steps=0,
+        )  # fmt: skip
+        try:
+            trainer.fit(module, train_dataloaders=SameBatch(batch_data, warmup + steps))
+        except RuntimeError:
+            if timer.counter is not None and not timer.times:
+                timer.counter.__exit__(None, None, None)  # leave the counting mode the failed step entered
+            raise
+        if accelerator == "gpu":
+            return timer, torch.cuda.max_memory_allocated() / 2**20
+        return timer, peak_rss_mib() - rss_before  # growth of the peak resident set while this method trained
+
+    try:
+        timer, memory = fit(count_flops=True)
+    except RuntimeError:  # the FLOP counter cannot follow autograd.grad inside a step (DCT's adversarial views)
+        module = build_module(cfg)
+        timer, memory = fit(count_flops=False)
+    flops = timer.flops
+    timed = sorted(timer.times[warmup:])
+    step_seconds = timed[len(timed) // 2]  # median
 
     module.eval()
     image = datamodule.part_dataset("test")[0]["image"]
@@ -144,7 +188,7 @@ def measure(method: str, size: int, batch: int, steps: int, precision: str, chan
     return {
         "method": method, "size": size, "images_per_step": images_per_step,
         "step_ms": round(step_seconds * 1000, 1), "train_img_s": round(images_per_step / step_seconds, 1),
-        "infer_img_s": round(infer_rate, 1), "gflops_per_step": round(flops / 1e9, 2),
+        "infer_img_s": round(infer_rate, 1), "gflops_per_step": round(flops / 1e9, 2) if flops else None,
         "peak_mem_mib": round(memory, 1), "num_params_train": module.num_params_train, "num_params": module.num_params,
     }  # fmt: skip
 
@@ -161,6 +205,17 @@ def run_in_subprocess(args: argparse.Namespace, method: str) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def run_here(args: argparse.Namespace, method: str) -> list[dict]:
+    """Measure ``method`` in this process (peak memory is exact where the peak RSS can be reset)."""
+    rows = []
+    for size in sorted(args.sizes):
+        try:
+            rows.append(measure(method, size, args.batch, args.steps, args.precision, args.channels_last, args.compile))
+        except Exception as error:  # one broken method must not stop the benchmark
+            print(f"  {method} {size}²: failed: {type(error).__name__}: {error}", file=sys.stderr)
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     base = {r["size"]: r for r in rows if r["method"] == "supervised"}
     head = ("| method | size | train img/s | step ms | vs supervised | FLOPs vs supervised | infer img/s | "
@@ -169,7 +224,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         b = base.get(r["size"])
         ratio = f"{r['step_ms'] / b['step_ms']:.2f}" if b else "-"
-        flops = f"{r['gflops_per_step'] / b['gflops_per_step']:.2f}" if b and b["gflops_per_step"] else "-"
+        known = b and b["gflops_per_step"] and r["gflops_per_step"]
+        flops = f"{r['gflops_per_step'] / b['gflops_per_step']:.2f}" if known else "-"
         infer = f"{b['infer_img_s'] / r['infer_img_s']:.2f}" if b else "-"
         lines.append(
             f"| {r['method']} | {r['size']}² | {r['train_img_s']} | {r['step_ms']} | {ratio} | {flops} | "
@@ -183,17 +239,19 @@ def main() -> None:
     parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=8, help="labeled and unlabeled batch size each")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up step)")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    parser.add_argument("--isolate", action="store_true", help="one process per method (slower start-up)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.worker:
-        import warnings
+    import warnings
 
-        warnings.filterwarnings("ignore")
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    if args.worker:
         for size in sorted(args.sizes):
             row = measure(args.worker, size, args.batch, args.steps, args.precision, args.channels_last, args.compile)
             print(json.dumps(row), flush=True)
@@ -207,15 +265,15 @@ def main() -> None:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")  # fmt: skip
     settings = f"batch {args.batch} + {args.batch}, precision {args.precision}, channels_last {args.channels_last}, "
-    settings += f"compile {args.compile}, {args.steps} timed steps (median)"
+    settings += f"compile {args.compile}, {args.steps} timed steps (median), 1 warm-up step"
     print(f"# {machine}\n# {settings}", flush=True)
     started = time.perf_counter()
     rows: list[dict] = []
     for method in methods:
-        new = run_in_subprocess(args, method)
+        new = run_in_subprocess(args, method) if args.isolate else run_here(args, method)
         for row in new:
             print(f"  {row['method']:<16} {row['size']}²  {row['train_img_s']:>7} img/s train  "
-                  f"{row['infer_img_s']:>7} img/s infer  {row['gflops_per_step']:>8} GFLOP/step")  # fmt: skip
+                  f"{row['infer_img_s']:>7} img/s infer  {row['gflops_per_step'] or '-':>8} GFLOP/step")  # fmt: skip
         rows += new
     rows.sort(key=lambda r: (r["size"], r["method"] != "supervised", r["method"]))
     text = f"{machine}; {settings}\n\n{table(rows)}\n"

@@ -55,7 +55,23 @@ class MeanSoftmaxEnsemble(nn.Module):
         return ((self.first(image).softmax(1) + self.second(image).softmax(1)) / 2).clamp_min(1e-8).log()
 
 
-class CPS(SemiSupervisedModule):
+class TwoNetworkModule(SemiSupervisedModule):
+    """Base of methods that train two networks of the same architecture (CPS, DCT): ``self.net`` and
+    ``self.net2``; inference runs the first (``inference: first``) or both (``inference: ensemble``)."""
+
+    inference: str = "first"
+
+    def configure_networks(self) -> None:
+        # two independent constructions draw two different initialisations from the seeded generator
+        self.net = self.build_network()
+        self.net2 = self.build_network()
+
+    @property
+    def inference_network(self) -> nn.Module:
+        return self.net if self.inference == "first" else MeanSoftmaxEnsemble(self.net, self.net2)
+
+
+class CPS(TwoNetworkModule):
     """Cross pseudo supervision.
 
     Args:
@@ -90,15 +106,6 @@ class CPS(SemiSupervisedModule):
         self.cutmix = {"prob": 1.0, "area": (0.25, 0.5), "aspect": (0.3, 1 / 0.3), **dict(cutmix or {})}
         self.inference = check_choice("inference", inference, TWO_NETWORK_INFERENCE)
         super().__init__(**base)
-
-    def configure_networks(self) -> None:
-        # two independent constructions draw two different initialisations from the seeded generator
-        self.net = self.build_network()
-        self.net2 = self.build_network()
-
-    @property
-    def inference_network(self) -> nn.Module:
-        return self.net if self.inference == "first" else MeanSoftmaxEnsemble(self.net, self.net2)
 
     def supervised_loss(self, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
         self._labeled_logits = (self.net(labeled["image"]), self.net2(labeled["image"]))

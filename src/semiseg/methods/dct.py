@@ -29,15 +29,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from semiseg.errors import ConfigError
-from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule
+from semiseg.methods.base import Batch, LossTerms
 from semiseg.methods.consistency import check_choice, fgsm_direction, js_divergence, soft_cross_entropy
-from semiseg.methods.cps import TWO_NETWORK_INFERENCE, MeanSoftmaxEnsemble
+from semiseg.methods.cps import TWO_NETWORK_INFERENCE, TwoNetworkModule
 
 
-class DCT(SemiSupervisedModule):
+class DCT(TwoNetworkModule):
     """Two-view deep co-training: Jensen–Shannon agreement + adversarial view difference.
 
     Args:
@@ -68,14 +67,6 @@ class DCT(SemiSupervisedModule):
         self.dif_on_labeled = dif_on_labeled
         self.inference = check_choice("inference", inference, TWO_NETWORK_INFERENCE)
         super().__init__(**base)
-
-    def configure_networks(self) -> None:
-        self.net = self.build_network()
-        self.net2 = self.build_network()
-
-    @property
-    def inference_network(self) -> nn.Module:
-        return self.net if self.inference == "first" else MeanSoftmaxEnsemble(self.net, self.net2)
 
     def supervised_loss(self, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
         # the input requires grad so that the FGSM direction can reuse this forward pass

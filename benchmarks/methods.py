@@ -1,20 +1,27 @@
 """Per-method speed and memory (a benchmark, not a test): ``make bench`` or
 
-    python benchmarks/methods.py [--methods supervised,uaps,...] [--sizes 128 256] [--batch 8] [--steps 3]
-                                 [--precision 32-true|bf16-mixed] [--channels-last] [--compile] [--isolate]
+    python benchmarks/methods.py [--methods supervised,uaps,...] [--sizes 128 256] [--batch 8] [--steps 3 2]
+                                 [--precision 32-true|bf16-mixed] [--channels-last] [--compile]
+                                 [--override optimizer.fused=true ...] [--isolate] [--out NAME]
 
 For every method config (``conf/method/*.yaml``, but the generational self-training family, whose students train
 supervised steps, ``cps_rg``, which grows labels held by the DataModule, and the ``*_cpu`` schedule variants) and
 every image size it prints and writes to ``bench_out/methods.{md,json}``:
 
 * training images/s: labeled + unlabeled images per second of full Lightning training steps (hooks such as EMA
-  updates included) on one fixed batch, so that no data loading is counted (median of the timed steps);
+  updates included) on one fixed batch, so that no data loading is counted (median of the timed steps after one
+  warm-up step: 3 at 128², 1 at 256², where a step lasts 1.5-18 s on a 2-core CPU);
 * inference images/s of the network that runs at test time (``predict_logits``);
-* peak memory: CUDA's peak allocation on a GPU; on the CPU the growth of the peak resident set while the method
-  trains (the peak is reset per method through ``/proc/self/clear_refs``; ``--isolate`` runs each method in its
-  own process instead);
+* peak memory: CUDA's peak allocation on a GPU; on the CPU the growth of the peak resident set over the resident
+  set before the method trains (freed heap memory is handed back with ``malloc_trim`` and the peak is reset
+  through ``/proc/self/clear_refs`` before each method; ``--isolate`` runs each method in its own process);
 * the step-time ratio to ``supervised`` beside the ratio of their FLOPs per training step (forward, backward and
-  update of the first step, counted with ``torch.utils.flop_counter``; "-" where the counter cannot follow a step).
+  update of the first step, counted with ``torch.utils.flop_counter``, totals only, so that steps which take input
+  gradients with ``torch.autograd.grad``, as DCT's adversarial views do, are counted too).
+
+Fast paths are measured by running it twice, e.g. ``--methods supervised,uaps --sizes 128`` with and without
+``--channels-last``, ``--precision bf16-mixed``, ``--compile`` or ``--override optimizer.fused=true``; ``--out``
+names the output files so that runs do not overwrite each other.
 
 The data pipeline alone is measured by ``benchmarks/throughput.py`` (``make bench`` runs both).
 """
@@ -22,11 +29,13 @@ The data pipeline alone is measured by ``benchmarks/throughput.py`` (``make benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -65,12 +74,53 @@ class SameBatch:
 
 
 def reset_peak_rss() -> bool:
-    """Reset this process's peak resident set (Linux: ``clear_refs`` 5); False where that is not possible."""
+    """Hand freed heap memory back to the system, then reset this process's peak resident set (Linux:
+    ``malloc_trim`` and ``clear_refs`` 5), so that the next peak belongs to what runs next; False where the peak
+    cannot be reset."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
+
+
+def resident_mib() -> float:
+    """The resident set now (``VmRSS``), 0 where it cannot be read."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def total_flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` counting totals only.
+
+    Its per-module attribution hooks into autograd in a way that ``torch.autograd.grad`` inside a step does not
+    support; the total needs no attribution, so the module tracker is replaced by one that reports every
+    operation to the global count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class GlobalOnly:
+        parents = frozenset({"Global"})
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args: Any) -> None:
+            return None
+
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = GlobalOnly()
+    return counter
 
 
 def peak_rss_mib() -> float:
@@ -84,28 +134,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(method: str, size: int, batch: int, steps: int, precision: str, channels_last: bool, compile_: bool):
-    """One method at one size, in this process: dict of figures."""
+def measure(method: str, size: int, batch: int, steps: int, precision: str, overrides: list[str]):
+    """One method at one size, in this process: dict of figures. ``overrides`` are Hydra overrides of the
+    training config (``performance.*`` fast paths, ``optimizer.fused=true``, ...)."""
     import lightning as L
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import get_class
     from omegaconf import open_dict
-    from torch.utils.flop_counter import FlopCounterMode
 
-    from semiseg.train import CONFIG_DIR, build_datamodule, build_module
+    from semiseg.train import apply_performance, build_datamodule, build_module
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                f"method={method}", f"dataset.image_size=[{size},{size}]", "++dataset.num_images=64",
-                f"data.batch_size_labeled={batch}", f"data.batch_size_unlabeled={batch}", "data.num_workers=0",
-                "labeled_ratio=0.25",
-            ],
-        )  # fmt: skip
+    cfg = compose_config(
+        [
+            f"method={method}", f"dataset.image_size=[{size},{size}]", "++dataset.num_images=64",
+            f"data.batch_size_labeled={batch}", f"data.batch_size_unlabeled={batch}", "data.num_workers=0",
+            "labeled_ratio=0.25", *overrides,
+        ]
+    )  # fmt: skip
     with open_dict(cfg):
         cfg.paths.output_dir = str(OUT / "scratch")
     L.seed_everything(0, workers=True)
@@ -113,16 +158,11 @@ def measure(method: str, size: int, batch: int, steps: int, precision: str, chan
     datamodule = build_datamodule(cfg, method_class)
     batch_data, *_ = next(iter(datamodule.train_dataloader()))
     images_per_step = sum(part["image"].shape[0] for part in batch_data.values())
-    module = build_module(cfg)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    module = apply_performance(build_module(cfg), cfg.performance)
+    channels_last = bool(cfg.performance.channels_last)
 
     warmup = 1
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if compile_:
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Module) and any(p.requires_grad for p in child.parameters()):
-                setattr(module, name, torch.compile(child))
 
     class Timer(L.Callback):
         """Times every training step; counts the FLOPs of the first (warm-up) step: forward, backward, update."""
@@ -130,7 +170,7 @@ def measure(method: str, size: int, batch: int, steps: int, precision: str, chan
         def __init__(self, count_flops: bool) -> None:
             self.times: list[float] = []
             self.flops: int | None = None
-            self.counter = FlopCounterMode(display=False) if count_flops else None
+            self.counter = total_flop_counter() if count_flops else None
 
         def on_train_batch_start(self, *args: Any) -> None:
             if self.counter is not None and not self.times:
@@ -146,7 +186,7 @@ def measure(method: str, size: int, batch: int, steps: int, precision: str, chan
     def fit(count_flops: bool) -> tuple[Timer, float]:
         timer = Timer(count_flops)
         reset_peak_rss()
-        rss_before = peak_rss_mib()
+        rss_before = resident_mib()
         if accelerator == "gpu":
             torch.cuda.reset_peak_memory_stats()
         trainer = L.Trainer(
@@ -166,25 +206,25 @@ def measure(method: str, size: int, batch: int, steps: int, precision: str, chan
 
     try:
         timer, memory = fit(count_flops=True)
-    except RuntimeError:  # the FLOP counter cannot follow autograd.grad inside a step (DCT's adversarial views)
-        module = build_module(cfg)
+    except RuntimeError:  # an operation the FLOP counter cannot follow: time the step without counting
+        module = apply_performance(build_module(cfg), cfg.performance)
         timer, memory = fit(count_flops=False)
     flops = timer.flops
-    timed = sorted(timer.times[warmup:])
-    step_seconds = timed[len(timed) // 2]  # median
+    step_seconds = statistics.median(timer.times[warmup:])
 
     module.eval()
     image = datamodule.part_dataset("test")[0]["image"]
     test_batch = torch.stack([image] * batch).to(module.device)
     if channels_last:
         test_batch = test_batch.contiguous(memory_format=torch.channels_last)
+    passes = inference_passes(size)
     with torch.no_grad(), torch.autocast(accelerator, dtype=torch.bfloat16, enabled=precision.startswith("bf16")):
         for _ in range(2):
             module.predict_logits(test_batch)
         started = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(passes):
             module.predict_logits(test_batch)
-        infer_rate = steps * batch / (time.perf_counter() - started)
+        infer_rate = passes * batch / (time.perf_counter() - started)
     return {
         "method": method, "size": size, "images_per_step": images_per_step,
         "step_ms": round(step_seconds * 1000, 1), "train_img_s": round(images_per_step / step_seconds, 1),
@@ -194,9 +234,10 @@ def measure(method: str, size: int, batch: int, steps: int, precision: str, chan
 
 
 def run_in_subprocess(args: argparse.Namespace, method: str) -> list[dict]:
-    command = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--precision", args.precision, "--sizes", *map(str, args.sizes)]  # fmt: skip
-    command += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+    command = [sys.executable, __file__, "--worker", method, "--batch", str(args.batch), "--precision",
+               args.precision, "--sizes", *map(str, args.sizes), "--steps", *map(str, args.steps)]  # fmt: skip
+    command += ["--channels-last", args.channels_last] * bool(args.channels_last) + ["--compile"] * args.compile
+    command += [item for override in args.override for item in ("--override", override)]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -210,10 +251,51 @@ def run_here(args: argparse.Namespace, method: str) -> list[dict]:
     rows = []
     for size in sorted(args.sizes):
         try:
-            rows.append(measure(method, size, args.batch, args.steps, args.precision, args.channels_last, args.compile))
+            rows.append(measure(method, size, args.batch, steps_at(args, size), args.precision, overrides(args)))
         except Exception as error:  # one broken method must not stop the benchmark
             print(f"  {method} {size}²: failed: {type(error).__name__}: {error}", file=sys.stderr)
     return rows
+
+
+def performance(overrides: list[str]) -> dict:
+    """The ``performance`` settings the runs use: the training config's, with ``overrides`` applied."""
+    return dict(compose_config(overrides).performance)
+
+
+def optimizer(overrides: list[str]) -> str:
+    chosen = compose_config(overrides).optimizer
+    return f"{chosen._target_.rsplit('.', 1)[-1]} fused={chosen.get('fused')}"
+
+
+def compose_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from semiseg.train import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def inference_passes(size: int) -> int:
+    """Timed inference passes at ``size``: about the same time per size (10 at 128², 3 at 256²), since one pass
+    is short and its time varies more than a training step's."""
+    return max(3, round(10 * (128 / size) ** 2))
+
+
+def steps_at(args: argparse.Namespace, size: int) -> int:
+    """Timed steps at ``size``: ``--steps`` gives one count per size (in the order of ``--sizes``) or one for all."""
+    position = args.sizes.index(size)
+    return args.steps[position] if position < len(args.steps) else args.steps[-1]
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    return (
+        [f"performance.channels_last={args.channels_last}"] * bool(args.channels_last)
+        + ["performance.compile=true"] * args.compile
+        + list(args.override)
+    )
 
 
 def table(rows: list[dict]) -> str:
@@ -239,10 +321,16 @@ def main() -> None:
     parser.add_argument("--methods", default="all", help="comma-separated method names, or 'all'")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=8, help="labeled and unlabeled batch size each")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up step)")
+    parser.add_argument(
+        "--steps", type=int, nargs="+", default=[3, 1], help="timed steps after 1 warm-up step, per size or one for all"
+    )
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--channels-last", choices=["true", "false"], help="override performance.channels_last (default: the config's)"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    parser.add_argument("--override", action="append", default=[], help="a Hydra override of the training config")
+    parser.add_argument("--out", default="methods", help="name of the output files under bench_out/")
     parser.add_argument("--isolate", action="store_true", help="one process per method (slower start-up)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,7 +341,7 @@ def main() -> None:
     logging.disable(logging.WARNING)
     if args.worker:
         for size in sorted(args.sizes):
-            row = measure(args.worker, size, args.batch, args.steps, args.precision, args.channels_last, args.compile)
+            row = measure(args.worker, size, args.batch, steps_at(args, size), args.precision, overrides(args))
             print(json.dumps(row), flush=True)
         return
 
@@ -264,8 +352,10 @@ def main() -> None:
         methods.insert(0, "supervised")
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}")  # fmt: skip
-    settings = f"batch {args.batch} + {args.batch}, precision {args.precision}, channels_last {args.channels_last}, "
-    settings += f"compile {args.compile}, {args.steps} timed steps (median), 1 warm-up step"
+    settings = f"batch {args.batch} + {args.batch}, precision {args.precision}, "
+    settings += f"performance {performance(overrides(args))}, optimizer {optimizer(overrides(args))}, "
+    settings += f"timed steps {dict(zip(args.sizes, (steps_at(args, s) for s in args.sizes), strict=True))} (median), "
+    settings += "1 warm-up step"
     print(f"# {machine}\n# {settings}", flush=True)
     started = time.perf_counter()
     rows: list[dict] = []
@@ -278,10 +368,11 @@ def main() -> None:
     rows.sort(key=lambda r: (r["size"], r["method"] != "supervised", r["method"]))
     text = f"{machine}; {settings}\n\n{table(rows)}\n"
     OUT.mkdir(exist_ok=True)
-    (OUT / "methods.md").write_text(text)
-    (OUT / "methods.json").write_text(json.dumps({"machine": machine, "settings": settings, "rows": rows}, indent=1))
+    (OUT / f"{args.out}.md").write_text(text)
+    summary = {"machine": machine, "settings": settings, "rows": rows}
+    (OUT / f"{args.out}.json").write_text(json.dumps(summary, indent=1))
     print("\n" + table(rows))
-    print(f"\n{len(methods)} methods in {time.perf_counter() - started:.0f} s -> {OUT / 'methods.md'}")
+    print(f"\n{len(methods)} methods in {time.perf_counter() - started:.0f} s -> {OUT / (args.out + '.md')}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ every image size it prints and writes to ``bench_out/methods.{md,json}``:
 
 * training images/s: labeled + unlabeled images per second of full Lightning training steps (hooks such as EMA
   updates included) on one fixed batch, so that no data loading is counted (median of the timed steps after one
-  warm-up step: 3 at 128², 1 at 256², where a step lasts 1.5-18 s on a 2-core CPU);
+  warm-up step: 2 at 128², 1 at 256², where a step lasts 1.5-25 s on a 2-core CPU);
 * inference images/s of the network that runs at test time (``predict_logits``);
 * peak memory: CUDA's peak allocation on a GPU; on the CPU the growth of the peak resident set over the resident
   set before the method trains (freed heap memory is handed back with ``malloc_trim`` and the peak is reset
@@ -322,7 +322,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     parser.add_argument("--batch", type=int, default=8, help="labeled and unlabeled batch size each")
     parser.add_argument(
-        "--steps", type=int, nargs="+", default=[3, 1], help="timed steps after 1 warm-up step, per size or one for all"
+        "--steps", type=int, nargs="+", default=[2, 1], help="timed steps after 1 warm-up step, per size or one for all"
     )
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument(

@@ -288,12 +288,18 @@ def table_markdown(table: Table, metric: str, common: dict[str, str] | None = No
         "|" + "|".join(["---", *[":---:"] * len(table.columns)]) + "|",
     ]
     for row in table.rows:
-        values = []
-        for column in table.columns:
-            text = cell_text(table.cell(row, column))
-            values.append(f"**{text}**" if table.best.get(column) == row else text)
+        values = row_texts(table, row, best_mark="**", best_end="**")
         lines.append("| " + " | ".join([row.replace("|", "\\|"), *values]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def row_texts(table: Table, row: str, best_mark: str, best_end: str = "") -> list[str]:
+    """The cell texts of one table row, the best of each column wrapped in ``best_mark``/``best_end``."""
+    texts = []
+    for column in table.columns:
+        text = cell_text(table.cell(row, column))
+        texts.append(f"{best_mark}{text}{best_end}" if table.best.get(column) == row else text)
+    return texts
 
 
 def table_csv(table: Table) -> str:
@@ -301,11 +307,7 @@ def table_csv(table: Table) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["method", *(column_name(c) for c in table.columns)])
     for row in table.rows:
-        values = []
-        for column in table.columns:
-            text = cell_text(table.cell(row, column))
-            values.append(f"*{text}" if table.best.get(column) == row else text)
-        writer.writerow([row, *values])
+        writer.writerow([row, *row_texts(table, row, best_mark="*")])
     return buffer.getvalue()
 
 

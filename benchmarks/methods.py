@@ -90,15 +90,20 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def resident_mib() -> float:
-    """The resident set now (``VmRSS``), 0 where it cannot be read."""
+def status_mib(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; None where it cannot be read."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def resident_mib() -> float:
+    """The resident set now, 0 where it cannot be read."""
+    return status_mib("VmRSS") or 0.0
 
 
 def total_flop_counter():
@@ -125,13 +130,8 @@ def total_flop_counter():
 
 def peak_rss_mib() -> float:
     """Peak resident set since the last reset (``VmHWM``), else since the process started."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def measure(method: str, size: int, batch: int, steps: int, precision: str, overrides: list[str]):

@@ -1,7 +1,7 @@
 """Per-method speed and memory (a benchmark, not a test): ``make bench`` or
 
-    python benchmarks/methods.py [--methods supervised,uaps,...] [--sizes 128 256] [--batch 8] [--steps 3 2]
-                                 [--precision 32-true|bf16-mixed] [--channels-last] [--compile]
+    python benchmarks/methods.py [--methods supervised,uaps,...] [--sizes 128 256] [--batch 8] [--steps 2 1]
+                                 [--precision 32-true|bf16-mixed] [--channels-last true|false] [--compile]
                                  [--override optimizer.fused=true ...] [--isolate] [--out NAME]
 
 For every method config (``conf/method/*.yaml``, but the generational self-training family, whose students train
@@ -19,8 +19,8 @@ every image size it prints and writes to ``bench_out/methods.{md,json}``:
   update of the first step, counted with ``torch.utils.flop_counter``, totals only, so that steps which take input
   gradients with ``torch.autograd.grad``, as DCT's adversarial views do, are counted too).
 
-Fast paths are measured by running it twice, e.g. ``--methods supervised,uaps --sizes 128`` with and without
-``--channels-last``, ``--precision bf16-mixed``, ``--compile`` or ``--override optimizer.fused=true``; ``--out``
+Fast paths are measured by running it twice, e.g. ``--methods supervised,uaps --sizes 128`` with
+``--channels-last false`` and ``true``, or with and without ``--precision bf16-mixed``, ``--compile`` or ``--override optimizer.fused=true``; ``--out``
 names the output files so that runs do not overwrite each other.
 
 The data pipeline alone is measured by ``benchmarks/throughput.py`` (``make bench`` runs both).

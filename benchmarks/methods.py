@@ -20,8 +20,8 @@ every image size it prints and writes to ``bench_out/methods.{md,json}``:
   gradients with ``torch.autograd.grad``, as DCT's adversarial views do, are counted too).
 
 Fast paths are measured by running it twice, e.g. ``--methods supervised,uaps --sizes 128`` with
-``--channels-last false`` and ``true``, or with and without ``--precision bf16-mixed``, ``--compile`` or ``--override optimizer.fused=true``; ``--out``
-names the output files so that runs do not overwrite each other.
+``--channels-last false`` and ``true``, or with and without ``--precision bf16-mixed``, ``--compile`` or
+``--override optimizer.fused=true``; ``--out`` names the output files so that runs do not overwrite each other.
 
 The data pipeline alone is measured by ``benchmarks/throughput.py`` (``make bench`` runs both).
 """

@@ -6,6 +6,7 @@ never interrupted (CPU, ``trainer.deterministic=true``, ``data.num_workers=0``).
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 from collections.abc import Callable
@@ -49,6 +50,13 @@ class StopAtStep(Callback):
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def logged_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of the run's ``csv/metrics.csv`` without ``epoch`` (Lightning counts one more epoch after a
+    resume from a checkpoint written at an epoch's end; the steps are the same)."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return [{key: value for key, value in row.items() if key != "epoch"} for row in csv.DictReader(file)]
 
 
 def run(run_dir: Path, *overrides: str) -> dict:
@@ -102,6 +110,12 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(
     assert final.keys() == reference.keys()
     for name in reference:
         assert torch.equal(final[name], reference[name]), name
+    # metrics.csv keeps what was logged before the stop and logs nothing twice: the straight run's table, less
+    # the training row of the step the run stopped in (it stops inside that step's hooks, before the logging)
+    resumed_rows, straight_rows = logged_rows(tmp_path), logged_rows(expected_dir)
+    missing = [row for row in straight_rows if row not in resumed_rows]
+    assert resumed_rows == [row for row in straight_rows if row not in missing]
+    assert all(row["train/loss"] and int(row["step"]) == step - 1 for row in missing), missing
 
 
 def test_resume_skips_a_complete_run(tmp_path: Path) -> None:
@@ -116,6 +130,9 @@ def test_resume_continues_when_the_budget_grew(tmp_path: Path) -> None:
     cfg = compose_config([*SETTINGS, "trainer.max_steps=4", "resume=true"], tmp_path)
     assert complete_results(tmp_path / "results.json", cfg) is None
     assert train(cfg)["steps"] == 4
+    rows = logged_rows(tmp_path)  # the first two steps' metrics and test result are still in metrics.csv
+    assert [int(row["step"]) for row in rows if row["train/loss"]] == [0, 1, 2, 3]
+    assert [int(row["step"]) for row in rows if row["test/mIoU"]] == [2, 4]
 
 
 def test_resume_without_checkpoint_trains_from_scratch(tmp_path: Path) -> None:

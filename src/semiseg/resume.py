@@ -18,6 +18,8 @@ other draws); on GPUs, kernels without deterministic implementations differ run 
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import random
@@ -28,9 +30,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig
 
+from semiseg.io import atomic_write_text
 from semiseg.results import run_identity
 
 log = logging.getLogger("semiseg.resume")
@@ -238,3 +244,69 @@ def complete_results(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
 def last_checkpoint(output_dir: Path) -> Path | None:
     path = Path(output_dir) / "checkpoints" / LAST_CHECKPOINT
     return path if path.is_file() else None
+
+
+# ---- the metrics of a resumed run ---------------------------------------------------------------------
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that with ``continue_existing`` the run's ``metrics.csv`` is continued
+    instead of deleted: its rows are kept up to the first step the resumed run logs (rows logged after the
+    checkpoint the run resumes from are logged again) and so are its test results (a finished run whose budget
+    grew), and the header grows to the union of both runs' keys."""
+
+    def __init__(self, log_dir: str, continue_existing: bool) -> None:
+        self._continue_existing = continue_existing
+        self._previous_rows: list[dict[str, str]] | None = None
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not (self._continue_existing and self._fs.isfile(self.metrics_file_path)):
+            super()._check_log_dir_exists()
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            self._previous_rows = list(reader)
+            self.metrics_keys = sorted(reader.fieldnames or [])
+
+    def save(self) -> None:
+        if self._previous_rows is not None and self.metrics:
+            first_new_step = min(int(row["step"]) for row in self.metrics)
+            kept = [row for row in self._previous_rows if _before(row, first_new_step) or _test_only(row)]
+            self._record_new_keys()
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
+            atomic_write_text(Path(self.metrics_file_path), text.getvalue())
+            self._previous_rows = None
+        super().save()
+
+
+def _before(row: dict[str, str], step: int) -> bool:
+    return bool(row.get("step")) and float(row["step"]) < step
+
+
+def _test_only(row: dict[str, str]) -> bool:
+    """A row of test metrics: logged after a finished fit, never again by the resumed one."""
+    logged = [key for key, value in row.items() if value not in ("", None) and key not in ("step", "epoch")]
+    return bool(logged) and all(key.startswith("test/") for key in logged)
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """:class:`~lightning.pytorch.loggers.CSVLogger` that continues ``metrics.csv`` when the run resumes.
+
+    Lightning's CSV logger deletes an existing ``metrics.csv``, so a resumed run would lose the metrics of
+    every step before the resume. ``train`` sets ``continue_existing`` when it resumes from ``last.ckpt``;
+    a new run in an empty directory writes a fresh file as Lightning does.
+    """
+
+    def __init__(self, *args: Any, continue_existing: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.continue_existing = continue_existing
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(self.log_dir, self.continue_existing)
+        return self._experiment

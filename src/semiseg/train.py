@@ -27,7 +27,7 @@ from semiseg import sweeps
 from semiseg.errors import ConfigError, exit_on_user_error, run_hydra_app
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
 from semiseg.results import run_identity
-from semiseg.resume import RunInterrupted, complete_results, last_checkpoint
+from semiseg.resume import ContinuingCSVLogger, RunInterrupted, complete_results, last_checkpoint
 from semiseg.wandb_logging import finish_run
 
 sweeps.register_resolvers()
@@ -231,6 +231,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     callbacks = build_list(cfg.get("callbacks"))
     loggers = build_list(cfg.get("logger"))
+    for logger in loggers:
+        if isinstance(logger, ContinuingCSVLogger):
+            logger.continue_existing = action == "resumed"
     if not loggers:  # logger=none: callbacks that only feed a logger have nothing to write to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(

@@ -140,19 +140,18 @@ def measure(method: str, size: int, batch: int, steps: int, precision: str, over
     import lightning as L
     import torch
     from hydra.utils import get_class
-    from omegaconf import open_dict
 
-    from semiseg.train import apply_performance, build_datamodule, build_module
+    from semiseg.config import compose_config
+    from semiseg.runner import apply_performance, build_datamodule, build_module
 
     cfg = compose_config(
         [
             f"method={method}", f"dataset.image_size=[{size},{size}]", "++dataset.num_images=64",
             f"data.batch_size_labeled={batch}", f"data.batch_size_unlabeled={batch}", "data.num_workers=0",
             "labeled_ratio=0.25", *overrides,
-        ]
+        ],
+        output_dir=OUT / "scratch",
     )  # fmt: skip
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(OUT / "scratch")
     L.seed_everything(0, workers=True)
     method_class = get_class(cfg.method._target_)
     datamodule = build_datamodule(cfg, method_class)
@@ -259,23 +258,16 @@ def run_here(args: argparse.Namespace, method: str) -> list[dict]:
 
 def performance(overrides: list[str]) -> dict:
     """The ``performance`` settings the runs use: the training config's, with ``overrides`` applied."""
+    from semiseg.config import compose_config
+
     return dict(compose_config(overrides).performance)
 
 
 def optimizer(overrides: list[str]) -> str:
+    from semiseg.config import compose_config
+
     chosen = compose_config(overrides).optimizer
     return f"{chosen._target_.rsplit('.', 1)[-1]} fused={chosen.get('fused')}"
-
-
-def compose_config(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from semiseg.train import CONFIG_DIR
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
 
 
 def inference_passes(size: int) -> int:

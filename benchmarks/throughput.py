@@ -23,29 +23,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
+from semiseg.config import compose_config  # noqa: E402
 from semiseg.methods.base import SemiSupervisedModule  # noqa: E402
-from semiseg.train import CONFIG_DIR, build_datamodule, build_module  # noqa: E402
+from semiseg.runner import build_datamodule, build_module  # noqa: E402
 
 
 def config(image_size: int, batch: int, workers: str, method: str = "supervised", dataset: str = "synthetic"):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                f"method={method}",
-                f"dataset={dataset}",
-                f"dataset.image_size=[{image_size},{image_size}]",
-                f"data.batch_size_labeled={batch}",
-                f"data.batch_size_unlabeled={batch}",
-                f"data.num_workers={workers}",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(ROOT / "bench_out")
-    return cfg
+    overrides = [
+        f"method={method}",
+        f"dataset={dataset}",
+        f"dataset.image_size=[{image_size},{image_size}]",
+        f"data.batch_size_labeled={batch}",
+        f"data.batch_size_unlabeled={batch}",
+        f"data.num_workers={workers}",
+    ]
+    return compose_config(overrides, output_dir=ROOT / "bench_out")
 
 
 def training_images_per_second(cfg, steps: int, warmup: int = 3) -> float:

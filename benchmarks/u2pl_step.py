@@ -26,30 +26,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
-
 import semiseg.methods.u2pl as u2pl_module  # noqa: E402
-from semiseg.train import CONFIG_DIR, build_module  # noqa: E402
+from semiseg.config import compose_config  # noqa: E402
+from semiseg.runner import build_module  # noqa: E402
 
 
 def make_config(args: argparse.Namespace):
     names = ["background", *[f"defect{i}" for i in range(1, args.classes)]]
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "method=u2pl",
-                f"model.encoder_name={args.encoder}",
-                f"dataset.image_size=[{args.image_size},{args.image_size}]",
-                f"dataset.class_names=[{','.join(names)}]",
-                f"method.queue_size={args.queue_size}",
-                f"method.background_queue_size={args.background_queue_size}",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(ROOT / "bench_out")
-    return cfg
+    overrides = [
+        "method=u2pl",
+        f"model.encoder_name={args.encoder}",
+        f"dataset.image_size=[{args.image_size},{args.image_size}]",
+        f"dataset.class_names=[{','.join(names)}]",
+        f"method.queue_size={args.queue_size}",
+        f"method.background_queue_size={args.background_queue_size}",
+    ]
+    return compose_config(overrides, output_dir=ROOT / "bench_out")
 
 
 def main() -> None:

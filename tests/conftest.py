@@ -8,13 +8,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for tests/data generators
 
-from semiseg.train import CONFIG_DIR
+from semiseg import config
 
 # Everything small: 40 synthetic images of 32x32, tiny batches, two steps, no workers.
 FAST = [
@@ -33,14 +31,9 @@ FAST = [
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: Path | None = None, fast: bool = True) -> DictConfig:
-    """The training config as the app would see it, with ``paths.output_dir`` set."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*(FAST if fast else []), *overrides])
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
+    """The training config as the app would see it (with the tiny settings unless ``fast=False``), with
+    ``paths.output_dir`` set."""
+    return config.compose_config([*(FAST if fast else []), *overrides], output_dir)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import compose_config
-from semiseg.train import CONFIG_DIR
+from semiseg.config import CONFIG_DIR
 
 GROUPS = ["dataset", "model", "method", "optimizer", "scheduler", "augmentation", "trainer", "logger", "callbacks"]
 

@@ -14,7 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import semiseg.evaluate as evaluate_app
-from semiseg.train import CONFIG_DIR, train
+from semiseg.config import CONFIG_DIR
+from semiseg.train import train
 
 
 @pytest.fixture(scope="module")

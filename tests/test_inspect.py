@@ -15,11 +15,11 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from data.make_fake_datasets import make_fake_folder
+from semiseg.config import CONFIG_DIR
 from semiseg.data.datasets.folder import ImageFolder
 from semiseg.data.inspect import inspect as run_inspect
 from semiseg.data.inspect import pick_examples, summarize
 from semiseg.errors import ConfigError
-from semiseg.train import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

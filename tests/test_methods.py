@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from semiseg.train import CONFIG_DIR, train
+from semiseg.config import CONFIG_DIR
+from semiseg.train import train
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))

@@ -18,7 +18,8 @@ from semiseg.data.partial import LabelStore, PartialLabels, make_partial_mask, s
 from semiseg.errors import ConfigError
 from semiseg.losses import cross_entropy, focal_loss, lambert_w, superloss, superloss_confidence
 from semiseg.methods.region_growing import box_neighbourhood, grow_regions, per_class_values
-from semiseg.train import build_datamodule, train
+from semiseg.runner import build_datamodule
+from semiseg.train import train
 
 IGNORE = 255
 

@@ -23,7 +23,7 @@ from semiseg.methods.cps import CPS
 from semiseg.methods.dct import DCT
 from semiseg.methods.mean_teacher import MeanTeacher
 from semiseg.methods.uamt import UAMT
-from semiseg.train import build_datamodule, build_module
+from semiseg.runner import build_datamodule, build_module
 
 TINY_MODEL = ["model.channels=[4,8]", "model.encoder_dropout=[0.0,0.1]"]
 NUM_CLASSES = 5  # the synthetic dataset: background + 4 defect kinds

@@ -13,7 +13,7 @@ from semiseg.losses import cross_entropy
 from semiseg.methods.cct import CCT
 from semiseg.methods.pseudo_labels import confident_cross_entropy, kl_discrepancy, ramp_length
 from semiseg.methods.ucc import uncertainty_weighted_pseudo_loss
-from semiseg.train import build_datamodule, build_module
+from semiseg.runner import build_datamodule, build_module
 
 SIZE = 32
 NUM_CLASSES = 5  # the synthetic set: background + 4 defects
@@ -276,7 +276,7 @@ def test_comparison_sweeps_every_method_ratio_and_seed() -> None:
 
     from omegaconf import OmegaConf
 
-    from semiseg.train import CONFIG_DIR
+    from semiseg.config import CONFIG_DIR
 
     params = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / "comparison.yaml").hydra.sweeper.params
     methods = params.method.split(",")

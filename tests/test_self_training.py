@@ -30,7 +30,8 @@ from semiseg.methods.self_training.masks import (
 )
 from semiseg.methods.self_training.pseudo_labels import PseudoLabels, pseudo_label_quality
 from semiseg.methods.self_training.student import Student
-from semiseg.train import build_module, train
+from semiseg.runner import build_module
+from semiseg.train import train
 
 TINY_LOOP = [
     "model=im_unet",

@@ -105,7 +105,7 @@ def test_split_file_roundtrip_and_unknown_ids(tmp_path: Path) -> None:
 
 def test_split_of_synthetic_dataset_does_not_depend_on_training_seed(make_cfg) -> None:
     from semiseg.methods.supervised import Supervised
-    from semiseg.train import build_datamodule
+    from semiseg.runner import build_datamodule
 
     splits = [build_datamodule(make_cfg(f"seed={seed}"), Supervised).split.to_json() for seed in (0, 1)]
     assert splits[0] == splits[1]
@@ -113,7 +113,7 @@ def test_split_of_synthetic_dataset_does_not_depend_on_training_seed(make_cfg) -
 
 def test_unlabeled_batches_carry_no_mask(make_cfg) -> None:
     from semiseg.methods.base import SemiSupervisedModule
-    from semiseg.train import build_datamodule
+    from semiseg.runner import build_datamodule
 
     datamodule = build_datamodule(make_cfg(), SemiSupervisedModule)
     batch, *_ = next(iter(datamodule.train_dataloader()))
@@ -126,7 +126,7 @@ def test_unlabeled_batches_carry_no_mask(make_cfg) -> None:
 
 def test_labeled_loader_cycles_when_shorter(make_cfg) -> None:
     from semiseg.methods.base import SemiSupervisedModule
-    from semiseg.train import build_datamodule
+    from semiseg.runner import build_datamodule
 
     datamodule = build_datamodule(make_cfg(), SemiSupervisedModule)
     loader = datamodule.train_dataloader()

@@ -106,7 +106,7 @@ def test_launcher_configs_compose(launcher: str, target: str) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from semiseg.train import CONFIG_DIR
+    from semiseg.config import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

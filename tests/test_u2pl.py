@@ -28,7 +28,8 @@ from semiseg.methods.u2pl import (
     pseudo_label_loss,
     select_contrastive_pixels,
 )
-from semiseg.train import build_module, train
+from semiseg.runner import build_module
+from semiseg.train import train
 
 TINY = ("method=u2pl", "method.queue_size=64", "method.background_queue_size=96", "method.num_queries=16")
 

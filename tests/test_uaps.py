@@ -319,7 +319,7 @@ def test_fast_dev_run(make_cfg, overrides: tuple[str, ...]) -> None:
 def test_checkpoint_hyperparameters_are_plain(make_cfg) -> None:
     from omegaconf import OmegaConf
 
-    from semiseg.train import build_module
+    from semiseg.runner import build_module
 
     module = build_module(make_cfg("method=uaps"))
     assert not any(OmegaConf.is_config(value) for value in module.hparams.values())

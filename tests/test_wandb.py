@@ -10,9 +10,8 @@ from typing import Any
 import pytest
 
 from conftest import compose_config
-from semiseg.report import make_report
+from semiseg.report import log_comparison, make_report
 from semiseg.train import train
-from semiseg.wandb_logging import log_comparison
 
 
 @pytest.fixture

@@ -30,11 +30,12 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from semiseg.callbacks import overlay
+from semiseg.config import CONFIG_DIR
 from semiseg.data.datamodule import SemiSupervisedDataModule
 from semiseg.data.datasets.base import read_image
 from semiseg.errors import ConfigError, exit_on_user_error, run_hydra_app
 from semiseg.io import atomic_write_bytes, atomic_write_json
-from semiseg.train import CONFIG_DIR, CONFIG_FILE, SPLIT_FILE, _number
+from semiseg.results import CONFIG_FILE, SPLIT_FILE, number
 
 log = logging.getLogger("semiseg.evaluate")
 
@@ -120,7 +121,7 @@ def evaluate_split(cfg: DictConfig, module: Any, datamodule: SemiSupervisedDataM
     return {
         "split": cfg.split,
         "num_images": len(dataset),
-        "metrics": {k: _number(v) for k, v in sorted(metrics.items())},
+        "metrics": {k: number(v) for k, v in sorted(metrics.items())},
     }
 
 

@@ -40,10 +40,10 @@ from typing import Any
 import yaml
 
 from semiseg.errors import SemiSegError, exit_on_user_error
+from semiseg.results import RESULTS_FILE
 
 log = logging.getLogger("semiseg.report")
 
-RESULTS_FILE = "results.json"
 # overrides that name the cell (method, dataset, ratio) or the repetition (seed), or change no result
 IDENTITY_KEYS = {"method", "dataset", "labeled_ratio", "seed"}
 PROTOCOL_KEYS = {"split_seed", "trainer.max_steps", "split_file"}
@@ -510,6 +510,32 @@ def make_report(folders: Sequence[Path], out: Path | None = None, metric: str = 
     return {"out": out, "table": table, "plots": plots, "runs": runs, "common": common}
 
 
+def log_comparison(table: Table, plots: Sequence[Path], project: str, group: str | None, metric: str) -> str:
+    """Log the comparison ``table`` and ``plots`` to a new W&B run of ``job_type=report``; return the run's folder."""
+    import wandb
+
+    columns = ["method", *(column_name(c) for c in table.columns)]
+    rows = [[row, *(cell_text(table.cell(row, c)) for c in table.columns)] for row in table.rows]
+    long_rows = [
+        [row, dataset, ratio, cell.mean, cell.std, cell.n]
+        for (row, dataset, ratio), cell in sorted(table.cells.items())
+    ]
+    run = wandb.init(project=project, group=group, job_type="report", name=f"report-{group or 'all'}")
+    run.log(
+        {
+            "comparison": wandb.Table(columns=columns, data=rows),
+            "comparison_cells": wandb.Table(
+                columns=["method", "dataset", "labeled_ratio", "mean", "std", "n"], data=long_rows
+            ),
+            **{f"plots/{path.stem}": wandb.Image(str(path)) for path in plots},
+        }
+    )
+    run.summary["metric"] = metric
+    folder = run.dir
+    run.finish()
+    return folder
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m semiseg.report", description=__doc__.split("\n\n")[0])
@@ -524,8 +550,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table_markdown(report["table"], args.metric, report["common"]))
     print(f"{len(report['runs'])} runs -> {report['out']}/index.html ({len(report['plots'])} plots)")
     if args.wandb:
-        from semiseg.wandb_logging import log_comparison
-
         folder = log_comparison(report["table"], report["plots"], args.wandb, args.wandb_group, args.metric)
         print(f"W&B report run: {folder}")
 

@@ -38,32 +38,3 @@ def finish_run(loggers: Iterable[Logger], results: dict[str, Any]) -> None:
         table = wandb.Table(columns=[*IDENTITY, *metrics], data=[results_row(results, metrics)])
         run.log({"results": table})
         run.finish()
-
-
-def log_comparison(table: Any, plots: Sequence[Any], project: str, group: str | None, metric: str) -> str:
-    """Log a report's comparison table (a :class:`semiseg.report.Table`) and plots to a new W&B run of
-    ``job_type=report``; return the run's folder."""
-    import wandb
-
-    from semiseg.report import cell_text, column_name
-
-    columns = ["method", *(column_name(c) for c in table.columns)]
-    rows = [[row, *(cell_text(table.cell(row, c)) for c in table.columns)] for row in table.rows]
-    long_rows = [
-        [row, dataset, ratio, cell.mean, cell.std, cell.n]
-        for (row, dataset, ratio), cell in sorted(table.cells.items())
-    ]
-    run = wandb.init(project=project, group=group, job_type="report", name=f"report-{group or 'all'}")
-    run.log(
-        {
-            "comparison": wandb.Table(columns=columns, data=rows),
-            "comparison_cells": wandb.Table(
-                columns=["method", "dataset", "labeled_ratio", "mean", "std", "n"], data=long_rows
-            ),
-            **{f"plots/{path.stem}": wandb.Image(str(path)) for path in plots},
-        }
-    )
-    run.summary["metric"] = metric
-    folder = run.dir
-    run.finish()
-    return folder

@@ -27,13 +27,13 @@ import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from semiseg.config import CONFIG_DIR
 from semiseg.data.datasets.base import DefectDataset, Sample
 from semiseg.data.datasets.index_cache import image_size
 from semiseg.errors import ConfigError, exit_on_user_error
 
 log = logging.getLogger("semiseg.inspect")
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 SUMMARY_FILE = "summary.json"
 
 

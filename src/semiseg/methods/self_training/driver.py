@@ -31,7 +31,6 @@ import copy
 import json
 import logging
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,11 +44,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from semiseg.data.datamodule import SplitDataset
 from semiseg.errors import ConfigError
-from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
+from semiseg.io import atomic_write_json, atomic_write_text
 from semiseg.methods.self_training.data import SelfTrainingDataModule
+from semiseg.methods.self_training.evalnet import EvalNetSetting, filter_with_evalnet
 from semiseg.methods.self_training.masks import inconsistency_mask, input_ensemble_probs, model_ensemble
 from semiseg.methods.self_training.pseudo_labels import PseudoLabels, pseudo_label_quality
 from semiseg.methods.self_training.student import Student
+from semiseg.results import CONFIG_FILE, RESULTS_FILE, SPLIT_FILE, checkpoint_step, number, relative_path, run_identity
+from semiseg.resume import last_checkpoint
+from semiseg.runner import apply_performance, build_module, fit_and_test
 
 log = logging.getLogger("semiseg.self_training")
 
@@ -151,12 +154,16 @@ def student_seed(seed: int, generation: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, generation, index]).generate_state(1)[0])
 
 
-def student_config(cfg: DictConfig, output_dir: Path, schedule: Mapping[str, float]) -> DictConfig:
-    """The config of one student: the run's, with its own output dir, the loop keys removed and Noisy
-    Student's width, dropout and input noise applied."""
+def student_config(
+    cfg: DictConfig, output_dir: Path, schedule: Mapping[str, float], seed: int | None = None
+) -> DictConfig:
+    """The config of one student: the run's, with its own output dir and ``seed`` (default: the run's), the loop
+    keys removed and Noisy Student's width, dropout and input noise applied."""
     student = copy.deepcopy(cfg)
     with open_dict(student):
         student.paths.output_dir = str(output_dir)
+        if seed is not None:
+            student.seed = seed
         for key in LOOP_KEYS:
             student.method.pop(key, None)
         if "width_multiplier" in schedule:
@@ -177,19 +184,6 @@ def student_config(cfg: DictConfig, output_dir: Path, schedule: Mapping[str, flo
         if "input_noise_std" in schedule:
             student.method.input_noise_std = schedule["input_noise_std"]
     return student
-
-
-def _finite(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _relative(path: str | Path | None, root: Path) -> str | None:
-    if not path:
-        return None
-    return str(Path(path).resolve().relative_to(root.resolve()))
 
 
 class SelfTrainingRun:
@@ -215,8 +209,6 @@ class SelfTrainingRun:
 
     # ---- setup --------------------------------------------------------------------------------------
     def _build_datamodule(self) -> SelfTrainingDataModule:
-        from semiseg.train import SPLIT_FILE
-
         dataset = instantiate(self.cfg.dataset.source, _convert_="all")
         data = OmegaConf.to_container(self.cfg.data, resolve=True)
         data.pop("_target_")
@@ -236,6 +228,19 @@ class SelfTrainingRun:
         datamodule.save_split(self.output_dir / SPLIT_FILE)
         return datamodule
 
+    def evalnet_setting(self) -> EvalNetSetting:
+        """What EvalNet (IM++ / AIM++) needs of this run; it keeps its files in ``<run>/evalnet``."""
+        return EvalNetSetting(
+            folder=self.output_dir / "evalnet",
+            datamodule=self.datamodule,
+            in_channels=int(self.cfg.dataset.in_channels),
+            num_classes=len(self.cfg.dataset.class_names),
+            ignore_index=int(self.cfg.dataset.ignore_index),
+            accelerator=str(self.cfg.trainer.get("accelerator", "cpu")),
+            device=self.device,
+            fast_dev_run=self.options.fast_dev_run,
+        )
+
     def _device(self) -> torch.device:
         wants_gpu = str(self.cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
         return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
@@ -243,70 +248,50 @@ class SelfTrainingRun:
     # ---- one student ----------------------------------------------------------------------------------
     def train_student(self, generation: int, index: int, schedule: Mapping[str, float]) -> dict[str, Any]:
         """Train (or reload, or resume) student ``index`` of ``generation``; return its record."""
-        from semiseg.train import build_list, build_module
-
         folder = self.output_dir / f"generation_{generation}" / f"student_{index}"
         record_path = folder / STUDENT_FILE
         if record_path.is_file():
             log.info("generation %d student %d: done earlier, reusing %s", generation, index, record_path)
             return json.loads(record_path.read_text())
         seed = student_seed(int(self.cfg.seed), generation, index)
-        L.seed_everything(seed, workers=True)
-        cfg = student_config(self.cfg, folder, schedule)
-        module = build_module(cfg)
-        trainer: L.Trainer = instantiate(
-            cfg.trainer,
-            callbacks=build_list(cfg.get("callbacks")),
-            logger=build_list(cfg.get("logger")) or False,
-            plugins=[AtomicCheckpointIO()],
-            _convert_="all",
-        )
-        last = folder / "checkpoints" / "last.ckpt"
-        resume = str(last) if last.is_file() else None
+        cfg = student_config(self.cfg, folder, schedule, seed)
+        last = last_checkpoint(folder)
+        resume = str(last) if last else None
         if resume:
             log.info("generation %d student %d: resuming from %s", generation, index, resume)
-        started = time.perf_counter()
-        trainer.fit(module, datamodule=self.datamodule, ckpt_path=resume, weights_only=False)
-        seconds = time.perf_counter() - started
-        checkpoint = trainer.checkpoint_callback
-        best_path = getattr(checkpoint, "best_model_path", "") if checkpoint else ""
-        if best_path:
-            best_value = _finite(checkpoint.best_model_score)
-            tested = trainer.test(module, datamodule=self.datamodule, ckpt_path="best", weights_only=False)
-        else:  # no checkpoints (fast_dev_run): the final weights
-            validated = trainer.validate(module, datamodule=self.datamodule)
-            best_value = _finite(validated[0].get(self.monitor)) if validated else None
-            tested = trainer.test(module, datamodule=self.datamodule)
-        torch.save(module.state_dict(), folder / WEIGHTS_FILE)  # the best weights, loaded by trainer.test
-        metrics = tested[0] if tested else {}
+        results = fit_and_test(
+            cfg, folder, datamodule=self.datamodule, ckpt_path=resume, resuming=bool(resume), weights_file=WEIGHTS_FILE
+        )
         record = {
             "generation": generation,
             "student": index,
             "seed": seed,
-            "val": best_value,
-            "test_metrics": {k: _finite(v) for k, v in sorted(metrics.items()) if k.startswith("test/")},
-            "steps": int(trainer.global_step),
-            "train_seconds": round(seconds, 3),
-            "checkpoint": _relative(best_path, self.output_dir),
-            "weights": _relative(folder / WEIGHTS_FILE, self.output_dir),
+            "val": results["best_val"]["value"],
+            "best_step": results["best_val"]["step"],
+            "test_metrics": results["metrics"],
+            "steps": results["steps"],
+            "train_seconds": results["train_seconds"],
+            "checkpoint": relative_path(folder / results["checkpoint"], self.output_dir)
+            if results["checkpoint"]
+            else None,
+            "weights": relative_path(folder / WEIGHTS_FILE, self.output_dir),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "method_overrides": dict(schedule),
-            "num_params": int(module.num_params),
-            "num_params_train": int(module.num_params_train),
-            "resumed_from": _relative(resume, self.output_dir),
+            "num_params": results["num_params"],
+            "num_params_train": results["num_params_train"],
+            "resumed_from": relative_path(resume, self.output_dir),
         }
         atomic_write_json(record_path, record)
-        log.info("generation %d student %d: %s %s  test/mIoU %s", generation, index, self.monitor, best_value,
+        log.info("generation %d student %d: %s %s  test/mIoU %s", generation, index, self.monitor, record["val"],
                  record["test_metrics"].get("test/mIoU"))  # fmt: skip
         return record
 
     def load_student(self, record: Mapping[str, Any]) -> Student:
-        """The trained network of a student record, in eval mode on the labelling device."""
-        from semiseg.train import build_module
-
+        """The trained network of a student record, in eval mode on the labelling device (with the fast paths
+        it was trained with, so that the saved weights' names match)."""
         folder = self.output_dir / f"generation_{record['generation']}" / f"student_{record['student']}"
-        cfg = student_config(self.cfg, folder, record.get("method_overrides", {}))
-        module = build_module(cfg)
+        cfg = student_config(self.cfg, folder, record.get("method_overrides", {}), record["seed"])
+        module = apply_performance(build_module(cfg), cfg.get("performance"))
         module.load_state_dict(torch.load(self.output_dir / record["weights"], map_location="cpu"))
         return module.to(self.device).eval()
 
@@ -382,7 +367,7 @@ class SelfTrainingRun:
             ignore_index=int(self.cfg.dataset.ignore_index),
             background_index=int(self.cfg.evaluation.background_index),
         )
-        return {key: _finite(value) for key, value in quality.items()}
+        return {key: number(value) for key, value in quality.items()}
 
     def pseudo_labels(self, generation: int, teacher_records: list[dict[str, Any]]) -> tuple[PseudoLabels, dict]:
         """The pseudo-labels of ``generation`` (made once, then reloaded) and their summary."""
@@ -394,9 +379,7 @@ class SelfTrainingRun:
         pseudo = self.label_unlabeled(teachers)
         summary: dict[str, Any] = {"labeler": self.options.pseudo_labeler, "images": len(pseudo)}
         if self.options.evalnet:
-            from semiseg.methods.self_training.evalnet import filter_with_evalnet
-
-            summary["evalnet"] = filter_with_evalnet(self, pseudo)
+            summary["evalnet"] = filter_with_evalnet(self.evalnet_setting(), self.options.evalnet, pseudo)
         summary["kept"] = int((pseudo.copies > 0).sum())
         summary["training_items"] = int(pseudo.copies.sum())
         summary["coverage"] = round(pseudo.coverage, 6)
@@ -407,8 +390,6 @@ class SelfTrainingRun:
 
     # ---- the loop --------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from semiseg.train import CONFIG_FILE, RESULTS_FILE
-
         options = self.options
         atomic_write_text(self.output_dir / CONFIG_FILE, OmegaConf.to_yaml(self.cfg, resolve=True))
         generations: list[dict[str, Any]] = []
@@ -480,9 +461,6 @@ class SelfTrainingRun:
 
     def results(self, best: dict[str, Any], generations: list[dict[str, Any]]) -> dict[str, Any]:
         """``results.json``: the suite's schema for the final generation's best student, plus ``generations``."""
-        from semiseg.results import run_identity
-        from semiseg.train import CONFIG_FILE
-
         cfg = self.cfg
         checkpoint = best.get("checkpoint")
         return {
@@ -491,7 +469,7 @@ class SelfTrainingRun:
             "num_params_train": best["num_params_train"],
             "split": self.datamodule.split.sizes(),
             "metrics": best["test_metrics"],
-            "best_val": {"metric": self.monitor, "value": best["val"], "step": _step_of(checkpoint)},
+            "best_val": {"metric": self.monitor, "value": best["val"], "step": best_step(best)},
             "steps": best["steps"],
             "train_seconds": round(self.seconds, 3),
             "checkpoint": checkpoint or best["weights"],
@@ -502,13 +480,9 @@ class SelfTrainingRun:
         }
 
 
-def _step_of(checkpoint: str | None) -> int | None:
-    if checkpoint and "step=" in checkpoint:
-        try:
-            return int(Path(checkpoint).stem.split("step=")[-1].split("-")[0])
-        except ValueError:
-            return None
-    return None
+def best_step(record: Mapping[str, Any]) -> int | None:
+    """The step of a student's best checkpoint (records written before ``best_step`` was kept: from its name)."""
+    return record["best_step"] if "best_step" in record else checkpoint_step(record.get("checkpoint"))
 
 
 def run_self_training(cfg: DictConfig) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import cv2
 import lightning as L
@@ -33,9 +34,6 @@ from torch.utils.data import DataLoader, Dataset
 from semiseg.errors import ConfigError
 from semiseg.io import atomic_write_json
 from semiseg.methods.self_training.pseudo_labels import PseudoLabels
-
-if TYPE_CHECKING:
-    from semiseg.methods.self_training.driver import SelfTrainingRun
 
 log = logging.getLogger("semiseg.self_training")
 
@@ -230,31 +228,44 @@ def score_pseudo_labels(
     return scores
 
 
-def train_evalnet(run: SelfTrainingRun, options: Mapping[str, Any]) -> EvalNet:
-    """Train EvalNet on the labeled images (or reload it from ``<run>/evalnet/model.pt``)."""
-    folder = run.output_dir / "evalnet"
+@dataclass
+class EvalNetSetting:
+    """What EvalNet needs from the run: where it keeps its files, the run's data and dataset facts, and where
+    it trains (``accelerator``) and scores (``device``)."""
+
+    folder: Path
+    datamodule: Any  # the run's SelfTrainingDataModule: labeled images to train on, unlabeled ones to score
+    in_channels: int
+    num_classes: int
+    ignore_index: int
+    accelerator: str = "cpu"
+    device: torch.device | str = "cpu"
+    fast_dev_run: bool = False
+
+
+def train_evalnet(setting: EvalNetSetting, options: Mapping[str, Any]) -> EvalNet:
+    """Train EvalNet on the labeled images (or reload it from ``<folder>/model.pt``)."""
+    folder = setting.folder
     weights = folder / "model.pt"
-    cfg = run.cfg
-    num_classes = len(cfg.dataset.class_names)
-    module = EvalNetModule(int(cfg.dataset.in_channels), num_classes, float(options["width_multiplier"]),
+    module = EvalNetModule(setting.in_channels, setting.num_classes, float(options["width_multiplier"]),
                            float(options["lr"]))  # fmt: skip
     if weights.is_file():
         module.net.load_state_dict(torch.load(weights, map_location="cpu"))
-        return module.net.to(run.device).eval()
-    datamodule = run.datamodule
+        return module.net.to(setting.device).eval()
+    datamodule = setting.datamodule
     data = PerturbedMasks(
         datamodule.part_dataset("labeled"),
-        num_classes,
-        int(cfg.dataset.ignore_index),
+        setting.num_classes,
+        setting.ignore_index,
         int(options["samples_per_image"]),
         float(options["perturb_prob"]),
     )
     batch_size = int(options["batch_size"])
     loader = datamodule._loader(data, batch_size, train=True)
     trainer = L.Trainer(
-        max_steps=1 if run.options.fast_dev_run else int(options["max_steps"]),
+        max_steps=1 if setting.fast_dev_run else int(options["max_steps"]),
         max_epochs=-1,
-        accelerator=str(cfg.trainer.get("accelerator", "cpu")),
+        accelerator=setting.accelerator,
         devices=1,
         logger=CSVLogger(str(folder), name="csv", version=""),
         enable_checkpointing=False,
@@ -267,22 +278,22 @@ def train_evalnet(run: SelfTrainingRun, options: Mapping[str, Any]) -> EvalNet:
     Path(folder).mkdir(parents=True, exist_ok=True)
     torch.save(module.net.state_dict(), weights)
     atomic_write_json(folder / "evalnet.json", {"steps": int(trainer.global_step), **dict(options)})
-    return module.net.to(run.device).eval()
+    return module.net.to(setting.device).eval()
 
 
-def filter_with_evalnet(run: SelfTrainingRun, pseudo: PseudoLabels) -> dict[str, Any]:
-    """Score ``pseudo`` with EvalNet and set its ``scores`` and ``copies``; return a summary."""
-    options = evalnet_options(run.options.evalnet or {})
-    evalnet = train_evalnet(run, options)
-    datamodule = run.datamodule
+def filter_with_evalnet(setting: EvalNetSetting, config: Mapping[str, Any], pseudo: PseudoLabels) -> dict[str, Any]:
+    """Score ``pseudo`` with EvalNet (options: ``config``, i.e. ``method.evalnet``) and set its ``scores`` and
+    ``copies``; return a summary."""
+    options = evalnet_options(config)
+    evalnet = train_evalnet(setting, options)
+    datamodule = setting.datamodule
     loader: DataLoader = datamodule._loader(
         datamodule.part_dataset("unlabeled", views=datamodule.eval_views, with_masks=False),
         datamodule.batch_size_eval,
         train=False,
     )
     batches = ((list(batch["id"]), batch["image"]) for batch in loader)
-    num_classes = len(run.cfg.dataset.class_names)
-    pseudo.scores = score_pseudo_labels(evalnet, batches, pseudo, num_classes, run.device)
+    pseudo.scores = score_pseudo_labels(evalnet, batches, pseudo, setting.num_classes, setting.device)
     pseudo.copies = copies_from_scores(pseudo.scores, float(options["threshold"]), int(options["max_extra_copies"]))
     kept = int((pseudo.copies > 0).sum())
     log.info("EvalNet kept %d of %d pseudo-labels (threshold %s)", kept, len(pseudo), options["threshold"])

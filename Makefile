@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e '.[dev,launchers]'
+	$(BIN)/pip install -e '.[dev,launchers,deploy]'
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install semiseg with its dependencies

@@ -6,8 +6,11 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
+import torch
 from omegaconf import DictConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for tests/data generators
@@ -69,8 +72,60 @@ def fake_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def real_data_dir() -> Path | None:
+def real_data_dir(folder: str = "MTiles_data") -> Path | None:
+    """``SEMISEG_DATA_DIR`` when it holds the real dataset ``folder`` (``MTiles_data``, ``NEU_data``), else ``None``."""
     value = os.environ.get("SEMISEG_DATA_DIR")
-    if value and (Path(value) / "MTiles_data").is_dir():
+    if value and (Path(value) / folder).is_dir():
         return Path(value)
     return None
+
+
+class Probe(L.Callback):
+    """What a fit really ran with, seen from inside the trainer: the loggers, the networks' types, the memory
+    format of their 4-D weights, and the dtype of the first network's output in a training step."""
+
+    def __init__(self) -> None:
+        self.fits = 0
+        self.loggers: list[Any] = []
+        self.child_types: list[type] = []
+        self.channels_last: list[bool] = []
+        self.devices: set[str] = set()
+        self.output_dtypes: list[torch.dtype] = []
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.fits += 1
+        self.loggers = list(trainer.loggers)
+        self.child_types = [type(child) for child in module.children()]
+        # 4-D weights whose layout tells the formats apart (a 1x1 kernel or one input channel is both)
+        weights = [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
+        self.channels_last = [p.is_contiguous(memory_format=torch.channels_last) for p in weights]
+        self.devices = {p.device.type for p in module.parameters()}
+        network = next(child for child in module.children() if any(True for _ in child.parameters()))
+        self._hook = network.register_forward_hook(self._record)
+
+    def _record(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if torch.is_tensor(output) and module.training:
+            self.output_dtypes.append(output.dtype)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._hook.remove()
+
+
+@pytest.fixture
+def probe(monkeypatch: pytest.MonkeyPatch) -> Probe:
+    """A :class:`Probe` added to the callbacks of every fit that :func:`semiseg.runner.fit_and_test` runs."""
+    from semiseg import runner
+
+    watcher = Probe()
+    build_callbacks = runner.build_callbacks
+    monkeypatch.setattr(runner, "build_callbacks", lambda cfg, loggers: [*build_callbacks(cfg, loggers), watcher])
+    return watcher
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.gpu(min_gpus=N)``: skip unless N CUDA devices are there (lightning-hydra-template's RunIf)."""
+    marker = item.get_closest_marker("gpu")
+    if marker is not None:
+        needed = int(marker.kwargs.get("min_gpus", 1))
+        if torch.cuda.device_count() < needed:
+            pytest.skip(f"needs {needed} CUDA GPU(s), found {torch.cuda.device_count()}")

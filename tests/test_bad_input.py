@@ -18,6 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from hydra.core.global_hydra import GlobalHydra
 
 import semiseg.train as train_app
@@ -103,6 +104,41 @@ def split_not_json(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
     return [f"split_file={bad}"], f"split_file={bad}"
 
 
+def truncated_jpeg(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
+    data_dir = fake_mtiles(tmp_path, fake)
+    for image in (data_dir / "MTiles_data").rglob("*.jpg"):  # cut every JPEG: whichever loads first stops the run
+        image.write_bytes(image.read_bytes()[: image.stat().st_size * 2 // 3])
+    return mtiles(data_dir), "truncated JPEG"
+
+
+def empty_folder_dataset(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
+    root = tmp_path / "data" / "Folder_data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    overrides = ["dataset=folder", f"paths.data_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    return overrides, f"has no training images in {root}"
+
+
+def text_checkpoint(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
+    bad = tmp_path / "notes.ckpt"
+    bad.write_text("these are my notes, not a checkpoint\n")
+    return [f"ckpt_path={bad}"], f"ckpt_path={bad}: not a PyTorch checkpoint"
+
+
+def checkpoint_of_other_classes(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
+    other = tmp_path / "two_classes.ckpt"
+    hyper = {"class_names": ["background", "defect"], "in_channels": 3}
+    torch.save({"state_dict": {}, "hyper_parameters": hyper}, other)
+    return [f"ckpt_path={other}"], f"ckpt_path={other} was trained on 2 classes"
+
+
+def split_of_another_ratio(tmp_path: Path, fake: Path) -> tuple[list[str], str]:
+    made = tmp_path / "split.json"
+    parts = {"labeled": ["synthetic_00000"], "unlabeled": ["synthetic_00001"], "val": ["synthetic_00002"]}
+    made.write_text(json.dumps({**parts, "test": ["synthetic_00003"], "meta": {"labeled_ratio": 0.1}}))
+    return [f"split_file={made}", "labeled_ratio=0.5"], f"split_file={made} was made with labeled_ratio=0.1"
+
+
 def values(*overrides: str, culprit: str) -> Callable[[Path, Path], tuple[list[str], str]]:
     return lambda tmp_path, fake: (list(overrides), culprit)
 
@@ -113,6 +149,13 @@ CASES: dict[str, Callable[[Path, Path], tuple[list[str], str]]] = {
     "labeled_ratio above one": values("labeled_ratio=1.5", culprit="labeled_ratio=1.5"),
     "labeled_ratio not a number": values("labeled_ratio=abc", culprit="labeled_ratio='abc'"),
     "seed not an integer": values("seed=abc", culprit="seed='abc'"),
+    "seed negative": values("seed=-5", culprit="seed=-5 must lie in 0..4294967295"),
+    "monitor unknown": values("evaluation.monitor=val/mIoUU", culprit="evaluation.monitor=val/mIoUU"),
+    "validation after the budget": values(
+        "trainer.max_steps=2", "trainer.val_check_interval=5", culprit="trainer.val_check_interval=5"
+    ),
+    "checkpoint not a checkpoint": text_checkpoint,
+    "checkpoint of other classes": checkpoint_of_other_classes,
     "image size not a multiple": values("dataset.image_size=[30,30]", culprit="dataset.image_size=[30,30]"),
     "unknown method option": values("+method.no_such_option=1", culprit="no_such_option"),
     "batch size zero": values("data.batch_size_labeled=0", culprit="data.batch_size_labeled=0"),
@@ -125,6 +168,7 @@ CASES: dict[str, Callable[[Path, Path], tuple[list[str], str]]] = {
     "split file missing": values("split_file=/nonexistent/split.json", culprit="split_file=/nonexistent/split.json"),
     "split file not json": split_not_json,
     "split file names unknown image": split_with_unknown_image,
+    "split file of another ratio": split_of_another_ratio,
     # Hydra's own errors about the command line (multi-line messages that name the key and the options)
     "unknown method": values("method=no_such_method", culprit="no_such_method"),
     "mistyped key": values("labeled_ratioo=0.1", culprit="labeled_ratioo"),
@@ -134,6 +178,8 @@ CASES: dict[str, Callable[[Path, Path], tuple[list[str], str]]] = {
     "image without mask": missing_mask,
     "mask without image": orphan_mask,
     "unreadable image": unreadable_image,
+    "truncated image": truncated_jpeg,
+    "folder dataset empty": empty_folder_dataset,
     "mask size differs from image": size_mismatch,
     "mask values outside the classes": unexpected_mask_values,
 }
@@ -191,3 +237,22 @@ def test_bad_input_as_a_real_subprocess(tmp_path: Path) -> None:
         env={**{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}, "PYTHONPATH": str(ROOT / "src")},
     )  # fmt: skip
     assert done.returncode == 2 and "no_such_method" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_truncated_image_is_skipped_with_a_warning_when_asked(
+    tmp_path: Path, fake_data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from conftest import compose_config
+    from semiseg.train import train
+
+    data_dir = fake_mtiles(tmp_path, fake_data_dir)
+    images = sorted((data_dir / "MTiles_data").rglob("*.jpg"))
+    for image in images:
+        image.write_bytes(image.read_bytes()[: image.stat().st_size * 2 // 3])
+    good = images[1:]  # all but one damaged: each is used only when it is the sample drawn
+    for image in good:
+        shutil.copy(fake_data_dir / image.relative_to(data_dir), image)
+    results = train(compose_config([*mtiles(data_dir), "data.damaged_images=skip"], tmp_path / "run"))
+    assert results["steps"] == 2
+    warned = [record.getMessage() for record in caplog.records if "skipping a damaged image" in record.getMessage()]
+    assert warned and all(str(images[0]) in message for message in warned)

@@ -43,6 +43,16 @@ def test_no_machine_paths_in_committed_yaml() -> None:
 
 
 def test_augmentations_instantiate(tmp_path: Path) -> None:
+    import albumentations as A
+    import numpy as np
+
     cfg = compose_config([], tmp_path)
-    for spec in [*cfg.augmentation.weak, *cfg.augmentation.strong]:
-        instantiate(spec)
+    for part in ("weak", "strong"):
+        specs = cfg.augmentation[part]
+        transforms = [instantiate(spec) for spec in specs]
+        assert transforms and all(isinstance(t, A.BasicTransform) for t in transforms)
+        assert [type(t).__name__ for t in transforms] == [spec._target_.rsplit(".", 1)[-1] for spec in specs]
+        image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        mask = np.zeros((32, 32), dtype=np.uint8)
+        out = A.Compose(transforms)(image=image, mask=mask)
+        assert out["image"].shape == image.shape and out["mask"].shape == mask.shape

@@ -7,6 +7,8 @@ import ast
 import json
 from pathlib import Path
 
+import torch
+
 from semiseg.train import train
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "semiseg"
@@ -111,3 +113,29 @@ def test_self_training_runs_without_a_logger(make_cfg, tmp_path: Path) -> None:
     results = train(make_cfg(*TINY_LOOP, "logger=none"))
     assert results["steps"] == 3 and results["metrics"]["test/mIoU"] is not None
     assert not list((tmp_path / "run").rglob("csv")), "logger=none must write no logger directory"
+
+
+def test_self_training_students_train_with_the_performance_settings(make_cfg, probe) -> None:
+    train(make_cfg(*TINY_LOOP, "method.students_per_generation=1", "method.num_teachers=1",
+                   "method.pseudo_labeler=single", "performance.channels_last=true"))  # fmt: skip
+    assert probe.fits == 1 and probe.channels_last and all(probe.channels_last)
+
+
+def results_classes(results: dict, run_dir: Path) -> list[str]:
+    """The class names of the run's dataset, from the config it wrote."""
+    from omegaconf import OmegaConf
+
+    return list(OmegaConf.load(run_dir / "run" / results["config"]).dataset.class_names)
+
+
+# ---- checkpoints: hyperparameters are plain data --------------------------------------------------------
+def test_checkpoints_load_with_weights_only_and_rebuild_the_module(make_cfg, tmp_path: Path) -> None:
+    from hydra.utils import get_class
+
+    results = train(make_cfg("method=uaps"))
+    checkpoint = torch.load(tmp_path / "run" / results["checkpoint"], map_location="cpu", weights_only=True)
+    module = get_class(checkpoint["semiseg"]["method_class"])(**checkpoint["hyper_parameters"])
+    module.load_state_dict(checkpoint["state_dict"])
+    assert module.hparams == checkpoint["hyper_parameters"]
+    assert module.class_names == checkpoint["semiseg"]["class_names"] == results_classes(results, tmp_path)
+    assert module.optimizer_config == checkpoint["hyper_parameters"]["optimizer"]

@@ -9,28 +9,25 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import semiseg.evaluate as evaluate_app
-from semiseg.config import CONFIG_DIR
+from semiseg.config import compose_config
 from semiseg.train import train
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import compose_config
+    from conftest import compose_config as compose_train_config
 
     run_dir = tmp_path_factory.mktemp("run")
-    train(compose_config(["trainer.max_steps=3"], run_dir))
+    train(compose_train_config(["trainer.max_steps=3"], run_dir))
     return run_dir
 
 
 def evaluate(*overrides: str, output_dir: Path) -> dict:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=["num_workers=0", "verbose=false", *overrides])
+    cfg = compose_config(["num_workers=0", "verbose=false", *overrides], config_name="evaluate")
     with open_dict(cfg):
         cfg.output_dir = str(output_dir)
     return evaluate_app.evaluate(cfg)
@@ -90,3 +87,54 @@ def test_missing_checkpoint_on_the_command_line(tmp_path: Path, capsys, monkeypa
         evaluate_app.cli()
     GlobalHydra.instance().clear()
     assert done.value.code == 2 and "no such checkpoint file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(b"garbage, not a checkpoint", "not a PyTorch checkpoint"), (b"PK\x03\x04 truncated", "damaged")],
+)
+def test_a_garbage_checkpoint_is_not_advised_to_be_trusted(tmp_path: Path, capsys, content: bytes, says: str) -> None:
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(content)
+    with pytest.raises(SystemExit) as done:
+        evaluate(f"ckpt={bad}", output_dir=tmp_path / "out")
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and says in err and "trust_checkpoint" not in err, err
+
+
+def test_a_checkpoint_with_pickled_objects_may_be_trusted(trained_run: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint["extra"] = Path("an object")  # a class beyond tensors and plain containers
+    torch.save(checkpoint, tmp_path / "objects.ckpt")
+    with pytest.raises(SystemExit):
+        evaluate(f"ckpt={tmp_path / 'objects.ckpt'}", output_dir=tmp_path / "out")
+    assert "add trust_checkpoint=true" in capsys.readouterr().err
+
+
+def test_a_missing_input_dir_is_called_missing(trained_run: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        evaluate(
+            f"ckpt={trained_run / 'checkpoints' / 'last.ckpt'}", f"input_dir={tmp_path / 'nowhere'}",
+            output_dir=tmp_path / "out",
+        )  # fmt: skip
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and f"input_dir={tmp_path / 'nowhere'}: no such folder" in err, err
+
+
+def test_a_checkpoint_path_with_equals_signs_needs_no_quotes(trained_run: Path, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    job = tmp_path / "cmp" / "labeled_ratio=0.1,method=supervised,seed=0"  # a sweep job's folder name
+    shutil.copytree(trained_run, job)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    out = tmp_path / "out=1"
+    argv = ["semiseg.evaluate", f"ckpt={job / 'checkpoints' / 'last.ckpt'}", "num_workers=0", "verbose=false"]
+    monkeypatch.setattr(sys, "argv", [*argv, f"hydra.run.dir={out}"])
+    GlobalHydra.instance().clear()
+    evaluate_app._task_started = False
+    evaluate_app.cli()
+    GlobalHydra.instance().clear()
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["ckpt"] == str(job / "checkpoints" / "last.ckpt") and result["metrics"]["test/mIoU"] is not None

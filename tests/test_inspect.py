@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from data.make_fake_datasets import make_fake_folder
-from semiseg.config import CONFIG_DIR
+from semiseg.config import compose_config
 from semiseg.data.datasets.folder import ImageFolder
 from semiseg.data.inspect import inspect as run_inspect
 from semiseg.data.inspect import pick_examples, summarize
@@ -25,9 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def inspect_config(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="inspect", overrides=list(overrides))
+    return compose_config(overrides, config_name="inspect")
 
 
 def test_summary_counts_and_pixel_shares(tmp_path: Path) -> None:

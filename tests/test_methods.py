@@ -23,8 +23,9 @@ def test_every_method_trains_a_step(method: str, make_cfg) -> None:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_runs_a_step_on_fake_data(experiment: str, make_cfg, fake_data_dir: Path) -> None:
-    results = train(
-        make_cfg(f"experiment={experiment}", f"paths.data_dir={fake_data_dir}", "trainer.fast_dev_run=true")
-    )
-    assert results["steps"] >= 1
+def test_every_experiment_runs_its_budget_on_fake_data(experiment: str, make_cfg, fake_data_dir: Path) -> None:
+    overrides = ("trainer.max_steps=1", "trainer.val_check_interval=1")  # a budget of one step, validated
+    cfg = make_cfg(f"experiment={experiment}", f"paths.data_dir={fake_data_dir}", *overrides)
+    results = train(cfg)
+    assert results["steps"] == cfg.trainer.max_steps == 1  # the whole budget: no preset setting cuts it short
+    assert results["best_val"]["step"] == 1 and results["checkpoint"] == "checkpoints/best-step1.ckpt"

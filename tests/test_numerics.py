@@ -59,4 +59,21 @@ def test_skip_limit_stops(nan_from_step_one, make_cfg, capsys) -> None:
     cfg = make_cfg("trainer.max_steps=5", "numerics.on_nonfinite=skip", "numerics.max_skipped=1")
     with pytest.raises(SystemExit):
         train(cfg)
-    assert "at step 2" in capsys.readouterr().err
+    line = capsys.readouterr().err
+    assert "at step 2" in line
+    assert "set numerics.on_nonfinite=skip" not in line and "numerics.max_skipped=1" in line, line
+
+
+def test_a_diverging_loss_is_warned_about(make_cfg, caplog: pytest.LogCaptureFixture) -> None:
+    from semiseg.train import train
+
+    train(make_cfg("trainer.max_steps=4", "optimizer.lr=1e6"))
+    warned = [r.getMessage() for r in caplog.records if "loss is diverging" in r.getMessage()]
+    assert len(warned) == 1 and "optimizer.lr (now 1000000.0)" in warned[0], warned
+
+
+def test_a_normal_run_is_not_warned_about_divergence(make_cfg, caplog: pytest.LogCaptureFixture) -> None:
+    from semiseg.train import train
+
+    train(make_cfg("trainer.max_steps=4"))
+    assert not [r for r in caplog.records if "loss is diverging" in r.getMessage()]

@@ -28,7 +28,7 @@ from semiseg.methods.self_training.masks import (
     morph_mask,
     multiclass_inconsistency_mask,
 )
-from semiseg.methods.self_training.pseudo_labels import PseudoLabels, pseudo_label_quality
+from semiseg.methods.self_training.pseudo_label_store import PseudoLabels, pseudo_label_quality
 from semiseg.methods.self_training.student import Student
 from semiseg.runner import build_module
 from semiseg.train import train

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import FAST, compose_config
 from semiseg.train import train
@@ -120,16 +121,36 @@ def test_mtiles_on_fake_layout(fake_data_dir: Path, make_cfg) -> None:
     assert sum(results["split"].values()) == 20
 
 
-def test_channels_last_and_bf16_run(make_cfg) -> None:
+def test_channels_last_and_bf16_run(make_cfg, probe) -> None:
     results = train(make_cfg("performance.channels_last=true", "trainer.precision=bf16-mixed", "optimizer.fused=true"))
     assert results["steps"] == 2 and results["metrics"]["test/mIoU"] is not None
+    assert probe.channels_last and all(probe.channels_last), "every 4-D weight must be channels_last"
+    assert probe.output_dtypes and set(probe.output_dtypes) == {torch.bfloat16}, "the forward runs under bf16 autocast"
+
+
+def test_without_the_fast_paths_weights_stay_contiguous_and_float32(make_cfg, probe) -> None:
+    train(make_cfg("performance.channels_last=false"))
+    assert probe.channels_last and not any(probe.channels_last)
+    assert set(probe.output_dtypes) == {torch.float32}
 
 
 @pytest.mark.slow
-def test_compile_runs(make_cfg) -> None:
+def test_compile_runs(make_cfg, probe) -> None:
+    from torch._dynamo.eval_frame import OptimizedModule
+
     results = train(make_cfg("performance.compile=true"))
     assert results["steps"] == 2
+    assert OptimizedModule in probe.child_types, "the trainable network must be a torch.compile'd module"
 
 
-def test_logger_none_runs(make_cfg) -> None:
-    assert train(make_cfg("logger=none"))["steps"] == 2
+def test_logger_none_runs(make_cfg, probe, tmp_path: Path) -> None:
+    results = train(make_cfg("logger=none"))
+    assert results["steps"] == 2 and probe.loggers == []
+    written = {path.name for path in (tmp_path / "run").iterdir()}
+    assert not written & {"csv", "tensorboard", "wandb", "lightning_logs"}, written
+
+
+def test_no_validation_images_is_warned_about(make_cfg, caplog: pytest.LogCaptureFixture) -> None:
+    results = train(make_cfg("dataset.val_fraction=0"))
+    assert results["checkpoint"] is None
+    assert any("no validation images" in r.getMessage() for r in caplog.records)

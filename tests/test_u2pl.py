@@ -166,7 +166,7 @@ def test_contrastive_loss_takes_anchors_and_prototype_of_the_true_class() -> Non
     teacher[0, 0, 0], teacher[0, 0, 1] = prototype[1], prototype[2]
     anchors = torch.zeros(3, 1, 1, 4, dtype=torch.bool)
     anchors[1, 0, 0, 0] = anchors[2, 0, 0, 1] = True
-    pixels = ContrastivePixels(anchors, anchors.clone(), torch.zeros_like(anchors))
+    pixels = ContrastivePixels(anchors, anchors.clone(), torch.zeros_like(anchors), anchors.flatten(1).any(1))
     queues = ClassQueues([4, 4, 4], dim=dim, dtype="float32")
     for c in range(3):
         queues.push(c, negative[c].repeat(2, 1))
@@ -344,3 +344,88 @@ def test_checkpoint_loads_weights_only_with_its_queues(make_cfg, tmp_path: Path)
     module = load_module(path, checkpoint, None)
     assert isinstance(module, U2PL)
     assert all(torch.equal(module.memory.queue(int(k.rsplit("_", 1)[1])), v) for k, v in queues.items())
+
+
+# ---- fidelity to the official train_semi.py ---------------------------------------------------------
+def _encoder_buffers(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in network.segmenter.encoder.named_buffers() if b.is_floating_point()}
+
+
+def test_warm_up_trains_the_teacher_s_batchnorm_and_validates_the_student(make_cfg) -> None:
+    """Official: during sup_only epochs ``model_teacher.train(); _ = model_teacher(image_l)`` and
+    ``validate(model)``; afterwards the teacher is copied from the student and validated."""
+    import copy
+
+    module = _module(make_cfg, "method.supervised_only_steps=2")
+    module.train()
+    labeled, unlabeled = _batch(module.num_classes)
+    reference = copy.deepcopy(module.teacher.module).train()
+    with torch.no_grad():
+        reference.forward_with_representation(labeled["image"])  # what the official warm-up step does
+    before = _encoder_buffers(module.teacher.module)
+    module._trainer = SimpleNamespace(global_step=0, max_steps=10, max_epochs=-1)
+    assert module.inference_network is module.net.segmenter  # warm-up: the student is validated
+    module.training_losses(labeled, unlabeled)
+    after, expected = _encoder_buffers(module.teacher.module), _encoder_buffers(reference)
+    assert any(not torch.equal(after[name], before[name]) for name in after)  # the teacher's BN moved...
+    assert all(torch.allclose(after[name], expected[name], atol=1e-6) for name in after)  # ...as officially
+    state = module.state_dict()
+    assert not bool(state["teacher_started"])
+    warm = _module(make_cfg, "method.supervised_only_steps=2")
+    warm.load_state_dict(state)  # a checkpoint of the warm-up evaluates the student it validated
+    assert warm.inference_network is warm.net.segmenter
+    old = {k: v for k, v in state.items() if k != "teacher_started"}  # a checkpoint from before the flag
+    warm.load_state_dict(old)
+    assert warm.inference_network is warm.teacher.module.segmenter
+    module._trainer = SimpleNamespace(global_step=2, max_steps=10, max_epochs=-1)  # first semi-supervised step
+    module.training_losses(labeled, unlabeled)
+    assert module.inference_network is module.teacher.module.segmenter
+    student, teacher = dict(module.net.named_parameters()), dict(module.teacher.module.named_parameters())
+    assert all(torch.equal(teacher[name], student[name]) for name in teacher)  # copied from the student
+
+
+def test_teacher_copy_steps_keeps_the_teacher_equal_to_the_student(make_cfg) -> None:
+    """Official: in the first semi-supervised epoch ``t_params.data = s_params.data`` every step."""
+    module = _module(make_cfg, "method.teacher_copy_steps=3")
+    student, teacher = dict(module.net.named_parameters()), dict(module.teacher.module.named_parameters())
+
+    def shift_student() -> None:
+        with torch.no_grad():
+            for parameter in student.values():
+                parameter.add_(1.0)
+
+    for step in (1, 2, 3):  # the steps 0, 1, 2 just taken: still copying
+        shift_student()
+        module._trainer = SimpleNamespace(global_step=step, max_steps=10, max_epochs=-1)
+        module.on_train_batch_end(None, None, 0)
+        assert all(torch.equal(teacher[name], student[name]) for name in teacher)
+    before = {name: p.clone() for name, p in teacher.items()}
+    shift_student()
+    module._trainer = SimpleNamespace(global_step=4, max_steps=10, max_epochs=-1)  # step 3: EMA, decay 0.75
+    module.on_train_batch_end(None, None, 0)
+    assert all(torch.allclose(teacher[n], 0.75 * before[n] + 0.25 * student[n], atol=1e-6) for n in teacher)
+
+
+def test_present_classes_normalisation_is_the_official_one() -> None:
+    """Official: ``reco_loss / valid_seg`` over the classes present, 0 when at most one class is present."""
+    dim = 2
+    student = torch.zeros(1, dim, 1, 3)
+    student[0, :, 0, 0] = torch.tensor([1.0, 0.0])
+    teacher = torch.zeros(1, dim, 1, 3)
+    teacher[0, :, 0, 0] = torch.tensor([1.0, 0.0])
+    anchors = torch.zeros(3, 1, 1, 3, dtype=torch.bool)
+    anchors[1, 0, 0, 0] = True  # class 1 has an anchor; class 2 is present but has no anchor; class 0 absent
+    present = torch.tensor([False, True, True])
+    pixels = ContrastivePixels(anchors, anchors.clone(), torch.zeros_like(anchors), present)
+    queues = ClassQueues([4, 4, 4], dim=dim, dtype="float32")
+    queues.push(1, torch.tensor([[0.0, 1.0]]))
+    args = (pixels, queues, 2, 1, 0.5)
+    # anchor (1, 0), positive (1, 0), negative (0, 1): logits (2, 0) -> -log(e^2 / (e^2 + 1))
+    one_class = -math.log(math.exp(2) / (math.exp(2) + 1))
+    used, _ = contrastive_loss(student, teacher, *args)
+    assert used.item() == pytest.approx(one_class, rel=1e-6)  # mean over the one contributing class
+    official, _ = contrastive_loss(student, teacher, *args, normalization="present_classes")
+    assert official.item() == pytest.approx(one_class / 2, rel=1e-6)  # divided by the 2 present classes
+    pixels.present = torch.tensor([False, True, False])
+    alone, _ = contrastive_loss(student, teacher, *args, normalization="present_classes")
+    assert alone.item() == 0.0  # <= 1 class present: the official code returns 0

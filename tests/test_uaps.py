@@ -106,7 +106,7 @@ def test_main_decoder_sees_clean_features_aux_decoders_perturbed_ones() -> None:
 # ---- uncertainty and mixing ---------------------------------------------------------------------
 def test_uncertainty_is_zero_when_all_decoders_agree() -> None:
     probabilities = torch.randn(1, 2, 4, 5, 5).softmax(dim=2).expand(3, -1, -1, -1, -1)
-    uncertainty = decoder_uncertainty(probabilities)
+    uncertainty = decoder_uncertainty(probabilities.log())
     assert uncertainty.shape == (3, 2, 5, 5)
     assert torch.allclose(uncertainty, torch.zeros_like(uncertainty), atol=1e-6)
 
@@ -115,7 +115,7 @@ def test_uncertainty_is_kl_of_mean_against_each_decoder() -> None:
     torch.manual_seed(0)
     probabilities = (3 * torch.randn(3, 2, 4, 5, 5)).softmax(dim=2)
     mean = probabilities.mean(dim=0)
-    uncertainty = decoder_uncertainty(probabilities)
+    uncertainty = decoder_uncertainty(probabilities.log())
     for k in range(3):
         # KL(p̄ ‖ p_k) = kl_div(input=log p_k, target=p̄), summed over classes
         expected = F.kl_div(probabilities[k].log(), mean, reduction="none").sum(dim=1)
@@ -209,12 +209,24 @@ def test_all_terms_off_gives_exact_zero_without_gradient() -> None:
     assert terms["uncertainty_mean"].item() > 0  # still measured and logged
 
 
+def test_uncertainty_of_a_very_confident_decoder_is_exact() -> None:
+    """Issue 19: decoder 0 puts e^-40 on class 0, decoder 1 e^-40 on class 1 (far below a 1e-8 floor).
+    By hand, p̄ = (1/2, 1/2) up to e^-40 terms and KL(p̄ ‖ p_k) = 0.5 log(0.5 / e^-40) + 0.5 log(0.5 / 1) = 20 − log 2;
+    flooring p_k at 1e-8 gave 0.5 (log 0.5 + 18.42) + 0.5 log 0.5 = 9.21 − log 2 instead."""
+    big = 40.0
+    # logits: decoder 0 says class 1 with log-odds 40, decoder 1 says class 0 with log-odds 40
+    logits = torch.tensor([[0.0, big], [big, 0.0]], dtype=torch.float64).view(2, 1, 2, 1, 1)
+    uncertainty = decoder_uncertainty(logits.log_softmax(dim=2))
+    expected = big / 2 - math.log(2.0)
+    assert torch.allclose(uncertainty, torch.full_like(uncertainty, expected), atol=1e-9)
+
+
 def test_pixel_and_batch_uncertainty_weighting() -> None:
     torch.manual_seed(0)
     module = make_uaps(use_un=False, rampup_length=0).train()
     logits = [torch.randn(2, 3, 8, 8) for _ in range(4)]
     probabilities = torch.stack([item.softmax(dim=1) for item in logits])
-    uncertainty = decoder_uncertainty(probabilities)
+    uncertainty = decoder_uncertainty(torch.stack([item.log_softmax(dim=1) for item in logits]))
     pseudo = mixed_pseudo_label(probabilities, mixing_weights(4, "average"))
     certainty = torch.exp(-uncertainty)
     pixel = module.pseudo_supervision(logits, pseudo, certainty)

@@ -1,8 +1,12 @@
-"""Callbacks of the suite: the progress bar and validation prediction overlays."""
+"""Callbacks of the suite: validation prediction overlays and ``per_image.csv`` (the progress bar is in
+:mod:`semiseg.console`)."""
 
 from __future__ import annotations
 
-import sys
+import csv
+import io
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +14,11 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+from semiseg.io import atomic_write_text
+from semiseg.metrics import image_means
 
 # one colour per class index (background black); cycles past the end
 PALETTE = np.array(
@@ -19,13 +26,6 @@ PALETTE = np.array(
      [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60]],
     dtype=np.uint8,
 )  # fmt: skip
-
-
-def progress_bar(refresh_rate: int = 1, log_refresh_rate: int = 50) -> ProgressBar:
-    """The rich progress bar on a terminal; a sparse text bar when output goes to a file or pipe."""
-    if sys.stdout.isatty():
-        return RichProgressBar(refresh_rate=refresh_rate)
-    return TQDMProgressBar(refresh_rate=log_refresh_rate)
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
@@ -112,3 +112,71 @@ class PredictionOverlays(Callback):
         if not shown and self.output_dir is not None and trainer.is_global_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(self.output_dir / f"step_{step:07d}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+
+
+class PerImageCSV(Callback):
+    """Write ``per_image.csv`` at the end of every test: one row per test image with its ``id``, the IoU of each
+    class in its ground truth (``IoU/<class>``, empty where the class is absent from the image), ``mIoU_image``
+    and ``mDice_image`` (means over the defect classes present; empty for an image without defect).
+
+    The scores are those of the module's :class:`~semiseg.metrics.PerImageMetrics` (``image_metrics["test"]``),
+    so the file agrees with ``test/mIoU_image``; the ids come from the test batches, in the same order.
+
+    Args:
+        path: the file to write (atomically; replaced by every test run).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._ids: list[str] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._ids = []
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if "id" in batch:
+            self._ids.extend(str(i) for i in batch["id"])
+        else:  # a loader without ids (e.g. a custom one): number the images
+            self._ids.extend(f"{len(self._ids) + k}" for k in range(batch["image"].shape[0]))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # callbacks run before the module's own hook, which resets the metric
+        metrics = getattr(pl_module, "image_metrics", None)
+        if metrics is None or "test" not in metrics:
+            return
+        metric = metrics["test"]
+        iou, dice = metric.rows()
+        ids = list(self._ids)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (ids, iou.cpu(), dice.cpu()))
+            ids = [i for part in gathered for i in part[0]]
+            iou = torch.cat([part[1] for part in gathered])
+            dice = torch.cat([part[2] for part in gathered])
+        if len(ids) != iou.shape[0]:
+            raise RuntimeError(f"per_image.csv: {len(ids)} test ids for {iou.shape[0]} scored images")
+        if trainer.is_global_zero:
+            atomic_write_text(self.path, per_image_table(ids, iou, dice, metric.class_names, metric.defect_classes))
+
+
+def per_image_table(
+    ids: Sequence[str], iou: torch.Tensor, dice: torch.Tensor, class_names: Sequence[str], defect_classes: Sequence[int]
+) -> str:
+    """The text of ``per_image.csv`` from ids and per-image, per-class ``iou``/``dice`` ``(N, C)`` (NaN: undefined)."""
+    image_iou = image_means(iou, defect_classes)
+    image_dice = image_means(dice, defect_classes)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", *(f"IoU/{name}" for name in class_names), "mIoU_image", "mDice_image"])
+    for index, image_id in enumerate(ids):
+        values = [*iou[index].tolist(), float(image_iou[index]), float(image_dice[index])]
+        writer.writerow([image_id, *("" if math.isnan(v) else repr(v) for v in values)])
+    return buffer.getvalue()

@@ -6,8 +6,10 @@
   ``split_seed``). ``split`` is one of ``test``, ``val``, ``labeled``, ``unlabeled`` (with their hidden masks) or
   ``all``. Writes ``evaluation.json`` into this command's own output directory.
 * **Predict** on a folder of images: ``input_dir=FOLDER`` writes one class-index PNG mask per image (the
-  image's file stem, the image's own size) into ``<output_dir>/masks``; ``overlay=true`` also writes colour
-  overlays for a quick look.
+  image's file stem, the image's own size) into ``<output_dir>/masks``, one row per image of
+  ``predictions.csv`` and, with ``overlay=true``, colour overlays (:mod:`semiseg.predict`). ``ckpt`` may also be
+  an exported ``model.onnx`` / ``model.pt`` (or its folder) from ``semiseg.export``. A model trained on
+  ``data.crop_size`` crops runs through the sliding window at each image's resolution, here and on splits.
 
 The checkpoint is loaded with ``weights_only=True`` where it allows (checkpoints written by semiseg do, unless a
 method keeps non-tensor state); ``trust_checkpoint=true`` allows the full unpickler for a file you trust.
@@ -17,46 +19,32 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
 from pathlib import Path
 from typing import Any
 
-import cv2
 import hydra
 import lightning as L
-import numpy as np
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from semiseg.callbacks import overlay
+from semiseg import predict
+from semiseg.checkpoints import read_checkpoint
 from semiseg.config import CONFIG_DIR
 from semiseg.data.datamodule import SemiSupervisedDataModule
-from semiseg.data.datasets.base import read_image
-from semiseg.errors import ConfigError, exit_on_user_error, run_hydra_app
-from semiseg.io import atomic_write_bytes, atomic_write_json
+from semiseg.errors import ConfigError, check_choice, exit_on_user_error, run_hydra_app
+from semiseg.io import atomic_write_json
 from semiseg.results import CONFIG_FILE, SPLIT_FILE, number
 
 log = logging.getLogger("semiseg.evaluate")
 
 SPLITS = ("test", "val", "labeled", "unlabeled", "all")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 EVALUATION_FILE = "evaluation.json"
 
 
 def load_checkpoint(path: Path, trust: bool) -> dict[str, Any]:
-    """The checkpoint's content, read with ``weights_only=True`` unless ``trust``."""
-    if not path.is_file():
-        raise ConfigError(f"ckpt={path}: no such checkpoint file; give the .ckpt of a run (its checkpoints/ folder)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as error:
-        raise ConfigError(
-            f"ckpt={path} holds more than weights and plain data ({str(error).splitlines()[-1][:120]}); "
-            "if you trust the file, add trust_checkpoint=true"
-        ) from error
-    except (RuntimeError, EOFError) as error:
-        raise ConfigError(f"ckpt={path}: not a readable checkpoint ({error}); is the file complete?") from error
+    """The checkpoint's content, read with ``weights_only=True`` unless ``trust`` (one-line errors)."""
+    return read_checkpoint(path, "ckpt", trust)
 
 
 def find_run_config(checkpoint_path: Path) -> tuple[DictConfig | None, Path | None]:
@@ -88,7 +76,9 @@ def dataset_config(cfg: DictConfig, run_cfg: DictConfig | None) -> tuple[DictCon
     return run_cfg.dataset, True
 
 
-def build_datamodule(cfg: DictConfig, run_cfg: DictConfig | None, run_dir: Path | None) -> SemiSupervisedDataModule:
+def build_datamodule(
+    cfg: DictConfig, run_cfg: DictConfig | None, run_dir: Path | None, native: bool = False
+) -> SemiSupervisedDataModule:
     dataset_cfg, same = dataset_config(cfg, run_cfg)
     split_file = str(run_dir / SPLIT_FILE) if same and run_dir and (run_dir / SPLIT_FILE).is_file() else None
     run_data = run_cfg.data if run_cfg is not None else {}
@@ -105,6 +95,8 @@ def build_datamodule(cfg: DictConfig, run_cfg: DictConfig | None, run_dir: Path 
         num_workers=cfg.num_workers,
         use_unlabeled=False,
         split_file=split_file,
+        native_eval=native,  # a model trained on crops: whole images at their own size (sliding window)
+        scale=float(run_data.get("scale", 1.0) or 1.0),
     )
 
 
@@ -125,39 +117,13 @@ def evaluate_split(cfg: DictConfig, module: Any, datamodule: SemiSupervisedDataM
     }
 
 
-@torch.no_grad()
-def predict_folder(cfg: DictConfig, module: Any, dataset_cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    """Predict every image of ``cfg.input_dir``; write class-index PNG masks at each image's own size."""
-    folder = Path(cfg.input_dir)
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-    if not images:
-        raise ConfigError(f"input_dir={folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    height, width = (int(side) for side in dataset_cfg.image_size)
-    mean = torch.tensor(list(dataset_cfg.mean)).view(-1, 1, 1) * 255.0
-    std = torch.tensor(list(dataset_cfg.std)).view(-1, 1, 1) * 255.0
-    device = torch.device("cuda" if cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
-    module = module.to(device)
-    counts = np.zeros(module.num_classes, dtype=np.int64)
-    for path in images:
-        image = read_image(path, module.in_channels)
-        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR).reshape(height, width, -1)
-        tensor = (torch.from_numpy(resized).permute(2, 0, 1).float() - mean) / std
-        logits = module.predict_logits(tensor[None].to(device))
-        prediction = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
-        prediction = cv2.resize(prediction, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_NEAREST)
-        counts += np.bincount(prediction.ravel(), minlength=module.num_classes)
-        atomic_write_bytes(output_dir / "masks" / f"{path.stem}.png", cv2.imencode(".png", prediction)[1].tobytes())
-        if cfg.overlay:
-            picture = overlay(torch.from_numpy(image).permute(2, 0, 1), prediction)
-            encoded = cv2.imencode(".png", cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))[1].tobytes()
-            atomic_write_bytes(output_dir / "overlays" / f"{path.stem}.png", encoded)
-    share = counts / max(1, counts.sum())
-    return {
-        "input_dir": str(folder),
-        "num_images": len(images),
-        "masks": str(output_dir / "masks"),
-        "predicted_pixel_share": {name: float(s) for name, s in zip(module.class_names, share, strict=True)},
-    }
+def predict_folder(
+    cfg: DictConfig, module: Any, dataset_cfg: DictConfig, output_dir: Path, run_cfg: DictConfig | None = None
+) -> dict[str, Any]:
+    """Predict every image of ``cfg.input_dir`` with the checkpoint's module (see :mod:`semiseg.predict`)."""
+    card = predict.model_card(module, dataset_cfg, run_cfg, Path(cfg.ckpt))
+    module.to("cuda" if cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+    return predict.predict_folder(predict.checkpoint_predictor(module, card), cfg.input_dir, output_dir, cfg.overlay)
 
 
 @exit_on_user_error
@@ -165,8 +131,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run the evaluation (or prediction) described by ``cfg``; returns what ``evaluation.json`` holds."""
     if cfg.get("ckpt") in (None, "", "???"):
         raise ConfigError("ckpt=PATH is required: the .ckpt file of a run, e.g. ckpt=outputs/.../checkpoints/last.ckpt")
-    if cfg.split not in SPLITS:
-        raise ConfigError(f"split={cfg.split!r} must be one of {', '.join(SPLITS)}")
+    check_choice("split", cfg.split, SPLITS)
+    exported = predict.exported_model_path(cfg.ckpt) if cfg.get("input_dir") else None
+    if exported is not None:  # an exported model (semiseg.export) predicting a folder
+        result = {
+            "ckpt": str(exported),
+            **predict.predict_folder(
+                predict.exported_predictor(exported), cfg.input_dir, Path(cfg.output_dir), cfg.overlay
+            ),
+        }
+        atomic_write_json(Path(cfg.output_dir) / EVALUATION_FILE, result)
+        return result
     checkpoint_path = Path(cfg.ckpt)
     checkpoint = load_checkpoint(checkpoint_path, bool(cfg.trust_checkpoint))
     run_cfg, run_dir = find_run_config(checkpoint_path)
@@ -182,9 +157,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("input_dir"):
         if dataset_cfg is None:
             raise ConfigError("predicting needs the training image size and normalisation: add dataset=NAME")
-        result.update(predict_folder(cfg, module, dataset_cfg, output_dir))
+        result.update(predict_folder(cfg, module, dataset_cfg, output_dir, run_cfg))
     else:
-        datamodule = build_datamodule(cfg, run_cfg, run_dir)
+        datamodule = build_datamodule(cfg, run_cfg, run_dir, native=module.sliding_window is not None)
         result["dataset"] = datamodule.dataset.name
         result.update(evaluate_split(cfg, module, datamodule))
     atomic_write_json(output_dir / EVALUATION_FILE, result)

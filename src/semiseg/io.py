@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,32 @@ from semiseg.errors import SemiSegError
 
 class WriteError(SemiSegError, OSError):
     """Saving failed (full disk, no permission); the previous version of the file is intact."""
+
+
+# below this many free bytes on the target's file system a failed write is reported as a full disk
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _disk_is_full(path: Path, error: BaseException) -> bool:
+    """Whether ``error`` (raised while writing ``path``) comes from a full disk: ``ENOSPC``, or any error
+    (``torch.save`` raises a ``RuntimeError`` "file write failed") while the file system is nearly full."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(path.parent).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def write_error(path: Path, error: BaseException, what: str = "file") -> WriteError:
+    """The one-line :class:`WriteError` for a failed write of ``path`` (the previous ``what`` is intact)."""
+    if _disk_is_full(path, error):
+        return WriteError(f"no space left writing {path}; free disk space and rerun (the previous {what} is unchanged)")
+    detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return WriteError(
+        f"cannot write {path}: {detail}; free disk space or fix the folder's permissions "
+        f"(the previous {what} is unchanged)"
+    )
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -34,10 +62,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             Path(temporary).unlink(missing_ok=True)
             raise
     except OSError as error:
-        raise WriteError(
-            f"cannot write {path}: {error.strerror or error}; free disk space or fix the folder's permissions "
-            "(the previous version of the file is unchanged)"
-        ) from error
+        raise write_error(path, error, "version of the file") from error
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -49,7 +74,12 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint IO that saves through a temporary file and a rename."""
+    """Lightning checkpoint IO that saves through a temporary file and a rename.
+
+    Any failure while writing (``torch.save`` raises ``RuntimeError`` on a full disk, ``os.replace`` an
+    ``OSError``) removes the temporary file and becomes one :class:`WriteError` line; the previous
+    checkpoint of that name is untouched. An interrupt (``KeyboardInterrupt``) also removes it, then goes on.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
@@ -58,9 +88,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(checkpoint, temporary)
             os.replace(temporary, path)
-        except OSError as error:
+        except Exception as error:
             temporary.unlink(missing_ok=True)
-            raise WriteError(
-                f"cannot save checkpoint {path}: {error.strerror or error}; free disk space or fix the "
-                "folder's permissions (the previous checkpoint is unchanged)"
-            ) from error
+            raise write_error(path, error, "checkpoint") from error
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise

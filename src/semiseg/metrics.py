@@ -13,6 +13,10 @@ and is left out of the means; a class predicted but absent from the targets scor
 batch's mean over the defect classes *present in that batch's targets* is averaged over batches
 (false positives of absent classes are not counted there). Use it only to compare with numbers from
 that code.
+
+:class:`PerImageMetrics` computes the convention of the UAPS papers' *test* numbers (``mIoU_image``,
+``mDice_image``): each image's mean IoU / Dice over the defect classes present in its ground truth, averaged
+over images. Paper tables compare with these, not with the whole-split ``mIoU``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torchmetrics import Metric
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 
@@ -107,3 +112,110 @@ class SegmentationMetrics(MulticlassConfusionMatrix):
             result["mIoU_batch"] = self.batch_miou_sum / count
             result["mDice_batch"] = self.batch_mdice_sum / count
         return {key: value.float() for key, value in result.items()}
+
+
+def per_image_scores(
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-class IoU and Dice, defined only for classes present in the image's ground truth.
+
+    Args:
+        preds: predicted labels ``(B, H, W)`` (or logits ``(B, C, H, W)``, argmaxed).
+        target: true labels ``(B, H, W)``; pixels equal to ``ignore_index`` are left out of both.
+        num_classes: number of classes ``C``.
+        ignore_index: target value of unlabeled pixels (``None``: none).
+
+    Returns:
+        ``iou, dice``, each ``(B, C)`` float64: ``|P ∩ G| / |P ∪ G|`` and ``2 |P ∩ G| / (|P| + |G|)`` for each
+        class with at least one pixel in ``G`` (the image's ground truth), NaN for the others; a class predicted
+        but absent from the ground truth is therefore never scored (the UAPS test notebooks' rule).
+    """
+    if preds.ndim == target.ndim + 1:
+        preds = preds.argmax(dim=1)
+    preds = preds.reshape(preds.shape[0], -1).long()
+    target = target.reshape(target.shape[0], -1).long()
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    classes = torch.arange(num_classes, device=target.device).view(1, -1, 1)
+    predicted = (preds.unsqueeze(1) == classes) & valid.unsqueeze(1)  # (B, C, N)
+    actual = (target.unsqueeze(1) == classes) & valid.unsqueeze(1)
+    intersection = (predicted & actual).sum(-1).to(torch.float64)
+    predicted_area = predicted.sum(-1).to(torch.float64)
+    actual_area = actual.sum(-1).to(torch.float64)
+    present = actual_area > 0
+    nan = torch.full_like(intersection, float("nan"))
+    iou = torch.where(present, intersection / (predicted_area + actual_area - intersection).clamp_min(1), nan)
+    dice = torch.where(present, 2 * intersection / (predicted_area + actual_area).clamp_min(1), nan)
+    return iou, dice
+
+
+class PerImageMetrics(Metric):
+    """The papers' per-image metric (the UAPS test notebooks): for each image, the IoU and Dice of every defect
+    class present in its ground truth, averaged over those classes; then the mean over images.
+
+    Background is never a class of the mean, and false positives of classes absent from an image are never
+    counted. An image whose ground truth holds no defect pixel has no score (the notebooks would return NaN for
+    it and so for the whole mean; their test sets hold defective images only): it is left out of the mean over
+    images and counted in ``images_without_defect``.
+
+    ``compute()`` returns ``mIoU_image``, ``mDice_image`` and ``images_without_defect``; :meth:`rows` returns
+    the per-image, per-class scores accumulated so far (for ``per_image.csv``).
+
+    Args:
+        class_names: all class names, background first.
+        ignore_index: target value of unlabeled pixels.
+        background_index: the class left out of the means.
+    """
+
+    full_state_update = False
+
+    def __init__(self, class_names: Sequence[str], ignore_index: int = 255, background_index: int = 0) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+        self.ignore_index = ignore_index
+        self.background_index = background_index
+        self.add_state("iou_rows", default=[], dist_reduce_fx="cat")
+        self.add_state("dice_rows", default=[], dist_reduce_fx="cat")
+
+    @property
+    def defect_classes(self) -> list[int]:
+        return [c for c in range(len(self.class_names)) if c != self.background_index]
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """``preds``: logits ``(B, C, H, W)`` or labels ``(B, H, W)``; ``target``: ``(B, H, W)``."""
+        iou, dice = per_image_scores(preds, target, len(self.class_names), self.ignore_index)
+        self.iou_rows.append(iou)
+        self.dice_rows.append(dice)
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``iou, dice`` ``(N, C)`` of the images seen since the last reset, in update order (this process only)."""
+        empty = torch.empty(0, len(self.class_names), dtype=torch.float64)
+        iou = torch.cat(self.iou_rows) if self.iou_rows else empty
+        dice = torch.cat(self.dice_rows) if self.dice_rows else empty
+        return iou, dice
+
+    def compute(self) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        iou_rows, dice_rows = self.iou_rows, self.dice_rows
+        # after synchronisation the list states are already concatenated tensors
+        iou = iou_rows if torch.is_tensor(iou_rows) else (torch.cat(iou_rows) if iou_rows else None)
+        dice = dice_rows if torch.is_tensor(dice_rows) else (torch.cat(dice_rows) if dice_rows else None)
+        if iou is None or dice is None:
+            nan = torch.tensor(float("nan"))
+            return {"mIoU_image": nan, "mDice_image": nan, "images_without_defect": torch.tensor(0.0)}
+        image_iou = image_means(iou, self.defect_classes)
+        image_dice = image_means(dice, self.defect_classes)
+        scored = ~image_iou.isnan()
+        return {
+            "mIoU_image": _nanmean(image_iou).float(),
+            "mDice_image": _nanmean(image_dice).float(),
+            "images_without_defect": (~scored).sum().float(),
+        }
+
+
+def image_means(scores: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """``scores (N, C)`` (NaN where undefined) -> ``(N,)``: each image's mean over ``classes`` where defined
+    (NaN for an image where none is)."""
+    selected = scores[:, list(classes)]
+    defined = ~selected.isnan()
+    count = defined.sum(1)
+    total = torch.where(defined, selected, torch.zeros_like(selected)).sum(1)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("nan")))

@@ -11,6 +11,10 @@ into ``DIR/report/`` (``--out`` to change):
 * ``ablation_<key>.png`` — for every config key that a sweep varied besides method, dataset, ratio and
   seed (decoder counts, loss terms, coefficients, mixing, ...): the metric against that key's values,
   one line per method × dataset × ratio, as in the UAPS paper's ablation figures.
+* ``paired.csv`` and a section of ``table.md`` / ``index.html`` — every method against ``supervised`` on the
+  same dataset, ratio, split and budget: the seed-paired difference of the metric (pairs, mean, 95 % t interval,
+  exact sign-flip permutation p-value, whose floor 2/2^n is printed beside it) and a paired bootstrap over test
+  images of ``mIoU_image`` from the runs' ``per_image.csv`` (pooled over the paired seeds).
 * ``index.html`` — all of it on one page.
 
 A run's *variant* is the set of its command-line overrides (``.hydra/overrides.yaml``) other than
@@ -40,7 +44,7 @@ from typing import Any
 import yaml
 
 from semiseg.errors import SemiSegError, exit_on_user_error
-from semiseg.results import RESULTS_FILE
+from semiseg.results import CONFIG_FILE, RESULTS_FILE
 
 log = logging.getLogger("semiseg.report")
 
@@ -160,7 +164,7 @@ def load_run(results_path: Path) -> Run | None:
     elif isinstance(results.get("overrides"), list):
         overrides = _parse_overrides(results["overrides"])
     max_steps = None
-    config_file = run_dir / str(results.get("config") or "config.yaml")
+    config_file = run_dir / str(results.get("config") or CONFIG_FILE)
     if config_file.is_file():
         config = yaml.safe_load(config_file.read_text()) or {}
         max_steps = (config.get("trainer") or {}).get("max_steps")
@@ -354,16 +358,8 @@ def plot_ratio_curves(table: Table, metric: str, out: Path) -> list[Path]:
             means = [c.mean for _, c in points]
             stds = [c.std or 0.0 for _, c in points]
             axes.errorbar(ratios, means, yerr=stds, marker="o", capsize=3, label=row)
-        axes.set_xlabel("labeled ratio")
-        axes.set_ylabel(metric)
-        axes.set_title(f"{dataset}: {metric} against the labeled ratio")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
-        figure.tight_layout()
-        path = out / f"ratio_{_safe(dataset)}.png"
-        figure.savefig(path)
-        plt.close(figure)
-        written.append(path)
+        title = f"{dataset}: {metric} against the labeled ratio"
+        written.append(_finish_plot(figure, axes, "labeled ratio", metric, title, out / f"ratio_{_safe(dataset)}.png"))
     return written
 
 
@@ -423,17 +419,22 @@ def plot_ablations(runs: Sequence[Run], metric: str, out: Path) -> list[Path]:
             )  # fmt: skip
         if not numeric:
             axes.set_xticks(list(positions.values()), list(positions))
-        axes.set_xlabel(key)
-        axes.set_ylabel(metric)
-        axes.set_title(f"ablation ({ablation_kind(key)}): {key}")
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
-        figure.tight_layout()
-        path = out / f"ablation_{_safe(key)}.png"
-        figure.savefig(path)
-        plt.close(figure)
-        written.append(path)
+        title = f"ablation ({ablation_kind(key)}): {key}"
+        written.append(_finish_plot(figure, axes, key, metric, title, out / f"ablation_{_safe(key)}.png"))
     return written
+
+
+def _finish_plot(figure: Any, axes: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Label, grid and legend ``axes``, save ``figure`` to ``path`` and close it; return ``path``."""
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    _pyplot().close(figure)
+    return path
 
 
 def _safe(name: str) -> str:
@@ -460,6 +461,7 @@ def page_html(
     runs: Sequence[Run],
     sources: Sequence[Path],
     common: dict[str, str] | None = None,
+    paired: str = "",
 ) -> str:
     images = "".join(
         f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"><figcaption>{html.escape(p.stem)}'
@@ -483,11 +485,232 @@ def page_html(
         f"{html.escape(', '.join(map(str, sources)))}. Cells: mean ± sample std of {html.escape(metric)} over "
         f"seeds (number of seeds); best per column in bold. Overrides common to all runs: "
         f"{html.escape(common_text(common))}. Downloads: <a href='table.csv'>table.csv</a>, "
-        f"<a href='cells.csv'>cells.csv</a>, <a href='table.md'>table.md</a>.</p>{table_html(table)}"
+        f"<a href='cells.csv'>cells.csv</a>, <a href='table.md'>table.md</a>.</p>{table_html(table)}{paired}"
         f"<h2>Plots</h2>{images}<h2>Runs</h2><table><tr><th>method</th><th>dataset</th><th>ratio</th>"
         f"<th>seed</th><th>{html.escape(metric)}</th><th>protocol</th><th>folder</th></tr>{run_rows}</table>"
         "</body></html>\n"
     )
+
+
+# ---- paired statistics against the supervised baseline -----------------------------------------------------------
+PAIRED_COLUMNS = (
+    "dataset", "labeled_ratio", "method", "baseline", "n_pairs", "mean_delta", "ci_low", "ci_high", "p_value",
+    "boot_delta", "boot_ci_low", "boot_ci_high",
+)  # fmt: skip
+BASELINE = "supervised"
+PER_IMAGE_FILE = "per_image.csv"
+PER_IMAGE_METRIC = "mIoU_image"
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+
+
+@dataclass
+class SeedPairs:
+    """The seed-paired differences ``method - baseline`` of one metric and their statistics."""
+
+    deltas: list[float]
+    mean: float
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float
+    p_floor: float
+
+    @property
+    def n(self) -> int:
+        return len(self.deltas)
+
+    @property
+    def interval_excludes_zero(self) -> bool:
+        return self.ci_low is not None and self.ci_high is not None and (self.ci_low > 0 or self.ci_high < 0)
+
+
+def t_interval(deltas: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float | None, float | None]:
+    """The ``confidence`` interval of the mean of ``deltas`` from Student's t with ``n - 1`` degrees of freedom
+    (``None, None`` for fewer than two values)."""
+    from scipy import stats
+
+    if len(deltas) < 2:
+        return None, None
+    mean = statistics.fmean(deltas)
+    half = stats.t.ppf(0.5 + confidence / 2, df=len(deltas) - 1) * statistics.stdev(deltas) / math.sqrt(len(deltas))
+    return float(mean - half), float(mean + half)
+
+
+def sign_flip_p_value(deltas: Sequence[float]) -> float:
+    """Exact two-sided p-value of the paired sign-flip permutation test of ``mean(deltas) = 0``: the share of the
+    ``2^n`` sign assignments whose mean is at least as far from 0 as the observed one. It cannot fall below
+    :func:`sign_flip_floor` ``= 2 / 2^n`` (the observed signs and their mirror image)."""
+    from scipy import stats
+
+    if not deltas:
+        return float("nan")
+    if len(deltas) < 2 or all(d == 0 for d in deltas):
+        return 1.0  # one pair: d and -d are equally extreme
+    result = stats.permutation_test(
+        (list(deltas),), statistic=lambda x, axis=-1: x.mean(axis=axis), permutation_type="samples",
+        n_resamples=math.inf, alternative="two-sided",
+    )  # fmt: skip
+    return float(result.pvalue)
+
+
+def sign_flip_floor(n: int) -> float:
+    """The smallest p-value an exact sign-flip test over ``n`` pairs can give: ``2 / 2^n`` (0.0625 for 5)."""
+    return min(1.0, 2.0 / 2**n)
+
+
+def seed_pairs(deltas: Sequence[float], confidence: float = CONFIDENCE) -> SeedPairs:
+    low, high = t_interval(deltas, confidence)
+    return SeedPairs(list(deltas), statistics.fmean(deltas), low, high, sign_flip_p_value(deltas),
+                     sign_flip_floor(len(deltas)))  # fmt: skip
+
+
+def read_per_image(run_dir: Path, column: str = PER_IMAGE_METRIC) -> dict[str, float]:
+    """``id -> column`` from a run's ``per_image.csv`` (images where it is empty, i.e. undefined, left out)."""
+    path = run_dir / PER_IMAGE_FILE
+    with path.open(newline="") as handle:
+        return {row["id"]: float(row[column]) for row in csv.DictReader(handle) if row.get(column)}
+
+
+def paired_bootstrap(
+    pairs: Sequence[tuple[dict[str, float], dict[str, float]]],
+    confidence: float = CONFIDENCE,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float, float] | None:
+    """Paired bootstrap over test images, pooled over seed pairs.
+
+    Each pair is ``(method, baseline)`` per-image scores ``id -> value`` of one seed. The difference of each
+    image common to every pair is averaged over the pairs (``D_i``); the images are resampled with replacement
+    (``resamples`` times, percentile interval). Returns ``(mean D, low, high)``, or ``None`` without a common image.
+    """
+    import numpy as np
+    from scipy import stats
+
+    if not pairs:
+        return None
+    common = sorted(set.intersection(*(set(m) & set(b) for m, b in pairs)))
+    if not common:
+        return None
+    per_image = np.array([[m[i] - b[i] for i in common] for m, b in pairs]).mean(axis=0)
+    mean = float(per_image.mean())
+    if len(common) < 2 or np.ptp(per_image) == 0:
+        return mean, mean, mean
+    result = stats.bootstrap(
+        (per_image,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
+        rng=np.random.default_rng(seed),
+    )  # fmt: skip
+    return mean, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+@dataclass
+class PairedComparison:
+    """One method against the baseline on one dataset and labeled ratio, under one protocol."""
+
+    dataset: str
+    labeled_ratio: float
+    method: str
+    baseline: str
+    seeds: list[int]
+    seed: SeedPairs
+    bootstrap: tuple[float, float, float] | None
+
+    def csv_row(self) -> list[Any]:
+        boot = self.bootstrap or (None, None, None)
+        values = [self.seed.mean, self.seed.ci_low, self.seed.ci_high, self.seed.p_value, *boot]
+        return [self.dataset, self.labeled_ratio, self.method, self.baseline, self.seed.n,
+                *("" if v is None else repr(float(v)) for v in values)]  # fmt: skip
+
+
+def paired_comparisons(runs: Sequence[Run], metric: str, baseline: str = BASELINE) -> list[PairedComparison]:
+    """Every row against ``baseline`` run on the same dataset, labeled ratio and protocol (split and budget),
+    paired by seed; rows with no common seed are left out (logged)."""
+    by_cell: dict[tuple[str, str, float, tuple], dict[int, Run]] = defaultdict(dict)
+    for run in runs:
+        if run.metric(metric) is not None:
+            by_cell[(run.row, run.dataset, run.ratio, run.protocol)][run.seed] = run
+    found = []
+    for (row, dataset, ratio, protocol), members in sorted(by_cell.items(), key=lambda item: item[0][:3]):
+        reference = by_cell.get((baseline, dataset, ratio, protocol))
+        if row == baseline or reference is None:
+            if row != baseline:
+                log.warning("paired: no %s runs with the protocol of %s (%s, r=%g)", baseline, row, dataset, ratio)
+            continue
+        seeds = sorted(set(members) & set(reference))
+        if not seeds:
+            log.warning("paired: %s and %s share no seed on %s r=%g", row, baseline, dataset, ratio)
+            continue
+        deltas = [members[s].metric(metric) - reference[s].metric(metric) for s in seeds]  # type: ignore[operator]
+        image_pairs = []
+        for s in seeds:
+            if (members[s].path / PER_IMAGE_FILE).is_file() and (reference[s].path / PER_IMAGE_FILE).is_file():
+                image_pairs.append((read_per_image(members[s].path), read_per_image(reference[s].path)))
+        bootstrap = paired_bootstrap(image_pairs) if len(image_pairs) == len(seeds) else None
+        found.append(PairedComparison(dataset, ratio, row, baseline, seeds, seed_pairs(deltas), bootstrap))
+    return found
+
+
+def paired_csv(comparisons: Sequence[PairedComparison]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PAIRED_COLUMNS)
+    writer.writerows(c.csv_row() for c in comparisons)
+    return buffer.getvalue()
+
+
+def _paired_cells(comparison: PairedComparison, digits: int = 4) -> list[str]:
+    seed, boot = comparison.seed, comparison.bootstrap
+    delta = f"{seed.mean:+.{digits}f}"
+    if seed.interval_excludes_zero:
+        delta = f"**{delta}**"
+    interval = "n/a" if seed.ci_low is None else f"[{seed.ci_low:+.{digits}f}, {seed.ci_high:+.{digits}f}]"
+    boot_text = "n/a" if boot is None else f"{boot[0]:+.{digits}f} [{boot[1]:+.{digits}f}, {boot[2]:+.{digits}f}]"
+    return [comparison.dataset, f"{comparison.labeled_ratio:g}", comparison.method, str(seed.n), delta, interval,
+            f"{seed.p_value:.4f} (floor {seed.p_floor:.4f})", boot_text]  # fmt: skip
+
+
+PAIRED_HEADER = ["dataset", "ratio", "method", "pairs", "Δ mean", "95 % t interval", "p (sign-flip)",
+                 f"Δ {PER_IMAGE_METRIC} bootstrap [95 %]"]  # fmt: skip
+
+
+def paired_note(metric: str, baseline: str = BASELINE) -> str:
+    return (
+        f"Δ = method − {baseline} of {metric}, paired by seed (same dataset, ratio, split and budget). Bold: the 95 % "
+        "t interval of the seed-paired mean excludes 0 (only those). p: exact two-sided sign-flip permutation "
+        "test over the pairs; with n pairs it cannot fall below its floor 2/2^n. Bootstrap: per-image "
+        f"{PER_IMAGE_METRIC} differences from per_image.csv, averaged over the paired seeds, images resampled "
+        f"({BOOTSTRAP_RESAMPLES} resamples, percentile interval)."
+    )
+
+
+def paired_markdown(comparisons: Sequence[PairedComparison], metric: str, baseline: str = BASELINE) -> str:
+    if not comparisons:
+        return f"\n## Paired differences against {baseline}\n\nno method shares seeds and protocol with {baseline}\n"
+    lines = [f"\n## Paired differences against {baseline}", "", "| " + " | ".join(PAIRED_HEADER) + " |",
+             "|" + "|".join(["---"] * 3 + [":---:"] * (len(PAIRED_HEADER) - 3)) + "|"]  # fmt: skip
+    lines += ["| " + " | ".join(_paired_cells(c)) + " |" for c in comparisons]
+    return "\n".join([*lines, "", paired_note(metric, baseline)]) + "\n"
+
+
+def paired_html(comparisons: Sequence[PairedComparison], metric: str, baseline: str = BASELINE) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in PAIRED_HEADER)
+    body = []
+    for comparison in comparisons:
+        cells = [html.escape(text.replace("**", "")) for text in _paired_cells(comparison)]
+        if comparison.seed.interval_excludes_zero:
+            cells[4] = f"<b>{cells[4]}</b>"
+        body.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    return (
+        f"<h2>Paired differences against {html.escape(baseline)}</h2><table><tr>{head}</tr>{''.join(body)}</table>"
+        f"<p>{html.escape(paired_note(metric, baseline))} Download: <a href='paired.csv'>paired.csv</a>.</p>"
+    )
+
+
+def write_paired(runs: Sequence[Run], metric: str, out: Path) -> tuple[list[PairedComparison], str, str]:
+    """Write ``out/paired.csv``; return the comparisons and their Markdown and HTML sections."""
+    comparisons = paired_comparisons(runs, metric)
+    (out / "paired.csv").write_text(paired_csv(comparisons))
+    return comparisons, paired_markdown(comparisons, metric), paired_html(comparisons, metric)
 
 
 # ---- entry point -----------------------------------------------------------------------------------------------
@@ -502,12 +725,13 @@ def make_report(folders: Sequence[Path], out: Path | None = None, metric: str = 
         raise ReportError(f"no run under {', '.join(map(str, folders))} has the metric {metric}")
     table = build_table(cells, higher_is_better="loss" not in metric)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table_markdown(table, metric, common))
+    comparisons, paired_md, paired_page = write_paired(runs, metric, out)
+    (out / "table.md").write_text(table_markdown(table, metric, common) + paired_md)
     (out / "table.csv").write_text(table_csv(table))
     (out / "cells.csv").write_text(cells_csv(table))
     plots = plot_ratio_curves(table, metric, out) + plot_ablations(runs, metric, out)
-    (out / "index.html").write_text(page_html(table, metric, plots, runs, folders, common))
-    return {"out": out, "table": table, "plots": plots, "runs": runs, "common": common}
+    (out / "index.html").write_text(page_html(table, metric, plots, runs, folders, common, paired_page))
+    return {"out": out, "table": table, "plots": plots, "runs": runs, "common": common, "paired": comparisons}
 
 
 def log_comparison(table: Table, plots: Sequence[Path], project: str, group: str | None, metric: str) -> str:
@@ -548,6 +772,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     report = make_report(args.folders, args.out, args.metric)
     print(table_markdown(report["table"], args.metric, report["common"]))
+    print(paired_markdown(report["paired"], args.metric))
     print(f"{len(report['runs'])} runs -> {report['out']}/index.html ({len(report['plots'])} plots)")
     if args.wandb:
         folder = log_comparison(report["table"], report["plots"], args.wandb, args.wandb_group, args.metric)

@@ -24,6 +24,7 @@ import json
 import logging
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,18 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from semiseg.data.resumable import loaders_at_epoch_end
+from semiseg.errors import ConfigError
 from semiseg.io import atomic_write_text
-from semiseg.results import run_identity
+from semiseg.results import checkpoint_step, run_identity
 
 log = logging.getLogger("semiseg.resume")
 
 LAST_CHECKPOINT = "last.ckpt"
 RNG_KEY = "semiseg_rng_states"
+SECONDS_KEY = "semiseg_train_seconds"
 RESULT_KEYS = ("method", "dataset", "model", "labeled_ratio", "seed", "split_seed", "metrics", "steps")
 
 
@@ -114,6 +118,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         self.interrupted = False
         self._previous_handlers: dict[int, Any] = {}
         self._deferred = False
+        self.seconds_before = 0.0  # training seconds of earlier attempts of this run (from the checkpoint)
 
     @property
     def state_key(self) -> str:
@@ -208,13 +213,63 @@ class ResumeCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._restore_signal_handlers()
 
-    # -- RNG states in every checkpoint
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # at the last batch of an epoch the resumed run starts a new epoch, with every training loader
+        # iterated afresh: their saved states must say so (semiseg.data.resumable.ResumableDataLoader.state_dict)
+        epoch_loop = trainer.fit_loop.epoch_loop
+        combined = getattr(trainer.fit_loop, "_combined_loader", None)
+        ended = bool(getattr(epoch_loop.batch_progress, "is_last_batch", False))
+        with loaders_at_epoch_end(combined.flattened if combined is not None else [], ended):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    # -- RNG states and the training time so far in every checkpoint
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds of training of the whole run so far: earlier attempts (from the checkpoint) plus this fit."""
+        started = getattr(self, "_fit_started", None)
+        return self.seconds_before + (time.perf_counter() - started if started is not None else 0.0)
+
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[RNG_KEY] = rng_states()
+        checkpoint[SECONDS_KEY] = self.train_seconds
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if RNG_KEY in checkpoint:
             set_rng_states(checkpoint[RNG_KEY])
+        self.seconds_before = float(checkpoint.get(SECONDS_KEY, 0.0))
+        if self.dirpath:
+            relocate_checkpoint_paths(checkpoint, Path(self.dirpath))
+
+
+CHECKPOINT_PATH_KEYS = ("best_model_path", "last_model_path", "kth_best_model_path")
+
+
+def relocate_checkpoint_paths(checkpoint: dict, checkpoint_dir: Path) -> None:
+    """Paths inside a run dir are relative to it: a run dir that was moved or copied keeps its best checkpoint.
+
+    ``ModelCheckpoint`` saves absolute paths (its ``dirpath`` and the best checkpoints'); when the checkpoint
+    folder is no longer where they point, they are rewritten to the same names in ``checkpoint_dir``, before
+    the callbacks load their states (Lightning drops the best-model state of a callback whose dirpath changed)."""
+    new_dir = str(Path(checkpoint_dir).resolve())
+    for state in (checkpoint.get("callbacks") or {}).values():
+        old_dir = state.get("dirpath") if isinstance(state, dict) else None
+        if not old_dir or str(Path(old_dir).resolve()) == new_dir:
+            continue
+
+        def moved(path: Any, old_dir: str = str(old_dir)) -> Any:
+            if isinstance(path, str) and path and Path(path).parent == Path(old_dir):
+                return str(Path(new_dir) / Path(path).name)
+            return path
+
+        state["dirpath"] = new_dir
+        for key in CHECKPOINT_PATH_KEYS:
+            if key in state:
+                state[key] = moved(state[key])
+        if isinstance(state.get("best_k_models"), dict):
+            state["best_k_models"] = {moved(path): score for path, score in state["best_k_models"].items()}
 
 
 def find_resume_callback(trainer: L.Trainer) -> ResumeCheckpoint | None:
@@ -244,6 +299,78 @@ def complete_results(path: Path, cfg: DictConfig) -> dict[str, Any] | None:
 def last_checkpoint(output_dir: Path) -> Path | None:
     path = Path(output_dir) / "checkpoints" / LAST_CHECKPOINT
     return path if path.is_file() else None
+
+
+# keys a resumed run may change: the budget, resources, logging and where things are; every other key is the
+# run's identity (method, dataset, ratio, seeds, split, model, optimizer, ...)
+RESUMABLE_CHANGES = (
+    "resume", "num_threads", "sweep_name", "ckpt_path", "task_name", "trainer.max_steps", "trainer.max_epochs",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.enable_progress_bar",
+    "trainer.enable_model_summary", "trainer.log_every_n_steps", "trainer.num_sanity_val_steps",
+    "trainer.default_root_dir", "data.num_workers", "callbacks", "logger", "paths", "hydra",
+)  # fmt: skip
+LOCATION_LEAVES = ("root", "data_dir", "cache_dir", "label_dir", "output_dir", "log_dir", "dirpath")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def _may_change(key: str) -> bool:
+    if key.rsplit(".", 1)[-1] in LOCATION_LEAVES:
+        return True
+    return any(key == allowed or key.startswith(f"{allowed}.") for allowed in RESUMABLE_CHANGES)
+
+
+def identity_changes(output_dir: Path, cfg: DictConfig) -> list[str]:
+    """The keys whose values ``cfg`` changes against the run in ``output_dir`` (its ``config.yaml``), leaving
+    out what a resume may change (:data:`RESUMABLE_CHANGES`); ``[]`` without a ``config.yaml``."""
+    path = Path(output_dir) / "config.yaml"
+    if not path.is_file():
+        return []
+    stored = _flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    keys = sorted(set(stored) | set(current))
+    return [k for k in keys if not _may_change(k) and stored.get(k, "<unset>") != current.get(k, "<unset>")]
+
+
+def check_same_run(output_dir: Path, cfg: DictConfig) -> None:
+    """``resume=true`` continues the run in ``output_dir``: a config that changes its identity is refused
+    (naming the keys), before anything is written (results that no training produced would replace it)."""
+    changed = identity_changes(output_dir, cfg)
+    if changed:
+        stored = _flatten(OmegaConf.to_container(OmegaConf.load(Path(output_dir) / "config.yaml")))
+        current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+        shown = ", ".join(f"{k}: {stored.get(k, '<unset>')} -> {current.get(k, '<unset>')}" for k in changed[:6])
+        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise ConfigError(
+            f"resume=true into hydra.run.dir={output_dir}, a run of another configuration ({shown}{more}); "
+            "resume with the run's own settings (only the budget, resources and logging may change), or choose a "
+            "new directory"
+        )
+
+
+def checkpoint_files(output_dir: Path) -> list[Path]:
+    """The ``.ckpt`` files in the run's ``checkpoints/`` folder."""
+    folder = Path(output_dir) / "checkpoints"
+    return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+
+
+def remove_checkpoints_after(output_dir: Path, step: int) -> list[Path]:
+    """Remove the step-named checkpoints (``best-step<k>.ckpt``) of steps after ``step``: they come from the
+    part of a killed attempt that the resumed run trains again (it would save them again beside the old ones)."""
+    removed = []
+    for path in checkpoint_files(output_dir):
+        saved_at = checkpoint_step(path) if path.name != LAST_CHECKPOINT else None
+        if saved_at is not None and saved_at > step:
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 # ---- the metrics of a resumed run ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ from semiseg import sweeps
 from semiseg.errors import ConfigError
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
 from semiseg.results import CONFIG_FILE, SPLIT_FILE, checkpoint_step, make_results
-from semiseg.resume import ContinuingCSVLogger, RunInterrupted
+from semiseg.resume import ContinuingCSVLogger, RunInterrupted, find_resume_callback
 from semiseg.wandb_logging import finish_run
 
 log = logging.getLogger("semiseg.train")
@@ -62,7 +62,7 @@ def build_module(cfg: DictConfig) -> Any:
     )
     divisor = getattr(module.inference_network, "size_divisor", 1)
     height, width = cfg.dataset.image_size
-    if height % divisor or width % divisor:
+    if cfg.data.get("crop_size") is None and (height % divisor or width % divisor):  # crops: the window is checked
         fixed = [max(divisor, side // divisor * divisor) for side in (height, width)]
         raise ConfigError(
             f"dataset.image_size=[{height},{width}] must be a multiple of {divisor} for model={cfg.model.name}; "
@@ -165,6 +165,12 @@ def fit_and_test(
         datamodule = build_datamodule(cfg, get_class(cfg.method._target_))
         datamodule.save_split(run_dir / SPLIT_FILE)
         log.info("split %s", datamodule.split.sizes())
+    if datamodule.split.sizes()["val"] == 0 and not cfg.trainer.get("fast_dev_run"):
+        log.warning(
+            "no validation images (dataset.val_fraction=%s): no model selection, the last model is tested and "
+            "results.json has checkpoint: null; set dataset.val_fraction > 0 to select the best model",
+            cfg.dataset.get("val_fraction"),
+        )
     module = apply_performance(build_module(cfg), cfg.get("performance"))
     loggers = build_loggers(cfg, resuming)
     callbacks = build_callbacks(cfg, loggers)
@@ -182,6 +188,9 @@ def fit_and_test(
         log.warning("%s", stop)
         sys.exit(stop.exit_code)
     train_seconds = time.perf_counter() - started
+    resume_callback = find_resume_callback(trainer)
+    if resume_callback is not None:  # a resumed run counts the training time of its earlier attempts too
+        train_seconds += resume_callback.seconds_before
 
     best_path, best_value, best_step = best_validation(trainer, module, datamodule, cfg.evaluation.monitor)
     tested = test_best(trainer, module, datamodule, best_path)

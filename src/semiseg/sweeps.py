@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from semiseg.errors import ConfigError
 from semiseg.io import atomic_write_json, atomic_write_text
+from semiseg.results import RESULTS_FILE
 
 log = logging.getLogger("semiseg.sweeps")
 
@@ -83,6 +85,14 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sweep_group", sweep_group)
     if not OmegaConf.has_resolver("experiment_name"):
         OmegaConf.register_new_resolver("experiment_name", experiment_name)
+    if not OmegaConf.has_resolver("scale_steps"):
+        OmegaConf.register_new_resolver("scale_steps", scale_steps)
+
+
+def scale_steps(steps: int, fraction: float) -> int:
+    """``${scale_steps:${trainer.max_steps},1.0526}``: a length in steps as a fraction of the budget, rounded up
+    (ramp-ups that the papers set as a share of their runs keep that share when the budget changes)."""
+    return max(1, math.ceil(int(steps) * float(fraction)))
 
 
 def experiment_name() -> str:
@@ -167,7 +177,7 @@ class SweepManifest(Callback):
             "error": f"{type(job_return._return_value).__name__}: {job_return._return_value}" if failed else None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        results_path = job_dir / "results.json"
+        results_path = job_dir / RESULTS_FILE
         if results_path.is_file():
             try:
                 results = json.loads(results_path.read_text())

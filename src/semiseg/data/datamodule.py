@@ -10,6 +10,12 @@ code calls over-sampling the labeled samples. A batch therefore looks like::
 Unlabeled samples never carry a mask. Methods that use no unlabeled data (``supervised``) get only the
 ``labeled`` key. Validation and test batches are ``{"image", "mask", "id"}``.
 
+Native resolution (``crop_size``): training images (labeled and unlabeled) are random ``crop_size`` patches at
+the image's own resolution times ``scale`` instead of resized images. With ``native_eval`` (set by
+``evaluation.sliding_window``), validation, test and prediction images keep that resolution too; since
+images of one dataset may differ in size, those loaders then hold **one image per batch** and the sliding
+window (:mod:`semiseg.inference`) batches the tiles of each image instead (``evaluation.window_batch_size``).
+
 Partial labels (``partial_labels``, see :mod:`semiseg.data.partial`): the labeled images' masks then come
 from a :class:`~semiseg.data.partial.LabelStore` (partial, possibly grown by the method), labeled batches
 also carry ``index`` (the row in the store), the store is saved in checkpoints, and a run may have no
@@ -29,14 +35,16 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset
 
-from semiseg.data.datasets.base import DefectDataset, Sample
+from semiseg.data.datasets.base import DamagedImageError, DefectDataset, Sample
 from semiseg.data.partial import LabelStore, PartialLabels, StoreDataset
 from semiseg.data.resumable import ResumableDataLoader, ResumableRandomSampler
 from semiseg.data.split import Split, check_split_ids, make_split
 from semiseg.data.transforms import ViewMaker
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, DataError, check_choice
 
 log = logging.getLogger(__name__)
+
+DAMAGED_IMAGES = ("stop", "skip")
 
 
 class SplitDataset(Dataset):
@@ -49,16 +57,39 @@ class SplitDataset(Dataset):
         with_masks: whether samples carry their masks (``False`` for the unlabeled part).
     """
 
-    def __init__(self, dataset: DefectDataset, samples: Sequence[Sample], views: ViewMaker, with_masks: bool) -> None:
+    def __init__(
+        self,
+        dataset: DefectDataset,
+        samples: Sequence[Sample],
+        views: ViewMaker,
+        with_masks: bool,
+        damaged_images: str = "stop",
+    ) -> None:
         self.dataset = dataset
         self.samples = list(samples)
         self.views = views
         self.with_masks = with_masks
+        self.damaged_images = damaged_images
+        self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample's views; with ``damaged_images="skip"`` a damaged image is replaced by the next sample's
+        (a warning names it once), otherwise it stops the run."""
+        for offset in range(len(self.samples)):
+            try:
+                return self._item((index + offset) % len(self.samples))
+            except DamagedImageError as error:
+                if self.damaged_images != "skip":
+                    raise
+                if str(error) not in self._warned:
+                    self._warned.add(str(error))
+                    log.warning("skipping a damaged image (data.damaged_images=skip): %s", str(error).split(": ")[0])
+        raise DataError(f"every image of this part of dataset '{self.dataset.name}' is damaged")
+
+    def _item(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         if not self.with_masks:
             sample = Sample(sample.id, sample.image, None, sample.classes)
@@ -96,6 +127,12 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         pin_memory: ``"auto"`` pins when CUDA is available.
         partial_labels: the ``partial_labels`` config (``mode: none`` keeps full masks).
         seed: seed of the training loaders' order (the run's ``seed``; never the split).
+        test_on_val: validate on the test part (``val = test``), as the UAPS Magnetic Tiles code does.
+        crop_size: ``[height, width]`` of random training crops at native resolution; ``None``: resize.
+        defect_crop_prob: probability of centring a labeled crop on a defect pixel.
+        scale: resize factor applied before cropping and before native-size evaluation (``dataset.scale``).
+        native_eval: evaluation images at their own (scaled) size, one per batch (``evaluation.sliding_window``).
+        ignore_index, background_index: padding value of masks, and the class that is not a defect.
     """
 
     def __init__(
@@ -120,8 +157,19 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         pin_memory: bool | str = "auto",
         partial_labels: dict | None = None,
         seed: int = 0,
+        test_on_val: bool = False,
+        crop_size: Sequence[int] | None = None,
+        defect_crop_prob: float = 0.0,
+        scale: float = 1.0,
+        native_eval: bool = False,
+        ignore_index: int = 255,
+        background_index: int = 0,
+        damaged_images: str = "stop",
     ) -> None:
         super().__init__()
+        check_choice("data.damaged_images", damaged_images, DAMAGED_IMAGES)
+        self.damaged_images = damaged_images
+        self.test_on_val = bool(test_on_val)
         for key, value in (
             ("batch_size_labeled", batch_size_labeled),
             ("batch_size_unlabeled", batch_size_unlabeled),
@@ -135,21 +183,35 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.batch_size_labeled = batch_size_labeled
         self.batch_size_unlabeled = batch_size_unlabeled
-        self.batch_size_eval = batch_size_eval
+        self.native_eval = bool(native_eval)
+        if crop_size is not None and not self.native_eval:
+            raise ConfigError(
+                f"data.crop_size={list(crop_size)} trains at native resolution but evaluation would resize to "
+                f"dataset.image_size; add evaluation.sliding_window=true"
+            )
+        self.batch_size_eval = 1 if self.native_eval else batch_size_eval
+        if self.native_eval and batch_size_eval != 1:
+            log.info("evaluation at native size: one image per batch (its tiles are batched instead)")
         self.num_workers = resolve_num_workers(num_workers)
         self.use_unlabeled = use_unlabeled
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         augmentation = augmentation or {}
         common = {"image_size": image_size, "mean": mean, "std": std, "in_channels": dataset.in_channels}
-        self.labeled_views = ViewMaker(**common, weak=augmentation.get("weak"))
+        native = {"scale": scale, "ignore_index": ignore_index, "background_index": background_index}
+        crops = {**native, "crop_size": crop_size}
+        self.labeled_views = ViewMaker(
+            **common, **crops, weak=augmentation.get("weak"), defect_crop_prob=defect_crop_prob
+        )
         self.unlabeled_views = ViewMaker(
             **common,
+            **crops,
             weak=augmentation.get("weak"),
             strong=augmentation.get("strong"),
             views=unlabeled_views,
             cutmix=cutmix,
         )
-        self.eval_views = ViewMaker(**common)
+        self.eval_views = ViewMaker(**common, **native, native=self.native_eval)
+        self.crop_size = list(crop_size) if crop_size is not None else None
         self.image_size = list(image_size)
         self.partial_labels = PartialLabels.from_config(partial_labels)
         self.label_store: LabelStore | None = None
@@ -161,6 +223,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         }
         if self.partial_labels.active:
             self.enable_label_store()
+
         if use_unlabeled and not self.parts["unlabeled"] and not self.partial_labels.active:
             raise ConfigError(
                 f"labeled_ratio={labeled_ratio} leaves no unlabeled image for a semi-supervised method; "
@@ -181,6 +244,13 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         if split_file:
             split = Split.load(split_file)
             check_split_ids(split, {s.id for s in self._all_samples()}, f"split_file={split_file}")
+            made_at = split.meta.get("labeled_ratio")
+            if made_at is not None and float(made_at) != float(labeled_ratio):
+                raise ConfigError(
+                    f"split_file={split_file} was made with labeled_ratio={made_at} but labeled_ratio={labeled_ratio}: "
+                    f"the file decides which images are labeled; use labeled_ratio={made_at} with it, or leave out "
+                    "split_file to make a split of the new ratio"
+                )
             return split
         return make_split(
             self.dataset.train_samples,
@@ -191,6 +261,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             test_fraction,
             extra_unlabeled=self.dataset.extra_unlabeled_samples,
             val_pool=self.dataset.val_samples,
+            test_on_val=self.test_on_val,
         )
 
     def save_split(self, path: str | Path) -> None:
@@ -201,6 +272,11 @@ class SemiSupervisedDataModule(L.LightningDataModule):
         """The store of the labeled images' current labels, created on first call (methods that grow labels
         call this in ``setup``; with ``partial_labels.mode: none`` the masks are stored as they are)."""
         if self.label_store is None:
+            if self.crop_size is not None or self.native_eval:
+                raise ConfigError(
+                    "partial labels and methods that grow labels (cps_rg) keep them in a store at dataset.image_size "
+                    "and do not train on native-resolution crops: drop data.crop_size and evaluation.sliding_window"
+                )
             spec = self.partial_labels if self.partial_labels.active else PartialLabels(mode="given")
             self.label_store = LabelStore(
                 self.dataset, self.parts["labeled"], self.image_size, spec, share_memory=self.num_workers > 0
@@ -231,6 +307,7 @@ class SemiSupervisedDataModule(L.LightningDataModule):
             self.parts[part],
             views or default_views,
             with_masks=(part != "unlabeled") if with_masks is None else with_masks,
+            damaged_images=self.damaged_images,
         )
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool, stream: int = 0) -> DataLoader:

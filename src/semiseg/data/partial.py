@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from semiseg.data.datasets.base import DefectDataset, Sample
 from semiseg.data.transforms import ViewMaker
-from semiseg.errors import ConfigError, DataError
+from semiseg.errors import ConfigError, DataError, check_choice
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,7 @@ class PartialLabels:
     background_share: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mode not in PARTIAL_MODES:
-            raise ConfigError(f"partial_labels.mode={self.mode!r} is not one of {list(PARTIAL_MODES)}")
+        check_choice("partial_labels.mode", self.mode, PARTIAL_MODES)
         if not 0.0 <= self.background_share <= 1.0:
             raise ConfigError(f"partial_labels.background_share={self.background_share} must lie in [0, 1]")
         for key in ("points_per_region", "width"):

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -132,6 +133,7 @@ class ResumableDataLoader(DataLoader):
         self.batches_done = 0
         self._resume_batches = 0
         self._pass_start_state = self.generator.get_state()
+        self.epoch_ended = False  # set by loaders_at_epoch_end while a checkpoint at an epoch's end is saved
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         self.batches_done, self._resume_batches = self._resume_batches, 0
@@ -141,20 +143,45 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
+        """Where this loader is: the pass it is in and how many of its batches were consumed.
+
+        A pass whose every batch was consumed, and any pass when the training epoch ends at this step
+        (``epoch_ended``: Lightning then iterates every loader afresh, abandoning the rest of a pass of the
+        shorter, cycled loader), is saved as finished: no ``order_seed``, the generators as they are now. The
+        resumed loader then starts the next pass, exactly as this one would have. (Saved as "this pass, k
+        batches done", a resumed loader would finish a pass the uninterrupted run abandoned, or first yield
+        an empty pass, which ends the epoch at once.)
+        """
         views = getattr(self.dataset, "views", None) if self.num_workers == 0 else None
+        finished = self.epoch_ended or self.batches_done >= len(self)
         return {
-            "loader_generator": self._pass_start_state,
+            "loader_generator": self.generator.get_state() if finished else self._pass_start_state,
             "generator": self.resumable_sampler.generator.get_state(),
-            "order_seed": self.resumable_sampler.order_seed,
-            "batches_done": self.batches_done,
+            "order_seed": None if finished else self.resumable_sampler.order_seed,
+            "batches_done": 0 if finished else self.batches_done,
             "augmentation": augmentation_state(views),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.resumable_sampler.generator.set_state(state["generator"])
         self.generator.set_state(state["loader_generator"])
-        if state["order_seed"] is not None:
+        finished = state["batches_done"] * int(self.batch_size or 1) >= len(self.resumable_sampler)
+        if state["order_seed"] is not None and not finished:  # (older checkpoints saved finished passes so)
             self.resumable_sampler.pending = (state["order_seed"], state["batches_done"] * int(self.batch_size or 1))
             self._resume_batches = state["batches_done"]
         if self.num_workers == 0:
             set_augmentation_state(getattr(self.dataset, "views", None), state.get("augmentation"))
+
+
+@contextmanager
+def loaders_at_epoch_end(loaders: Iterable[Any], ended: bool) -> Iterator[None]:
+    """While a checkpoint is saved: tell the :class:`ResumableDataLoader` s among ``loaders`` whether the
+    training epoch ends at this step (then each saves its pass as finished, see ``state_dict``)."""
+    resumable = [loader for loader in loaders if isinstance(loader, ResumableDataLoader)]
+    for loader in resumable:
+        loader.epoch_ended = ended
+    try:
+        yield
+    finally:
+        for loader in resumable:
+            loader.epoch_ended = False

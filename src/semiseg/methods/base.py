@@ -13,10 +13,15 @@ A method subclass says only what is new:
 
 The training step is ``loss = supervised_loss(labeled) + unsupervised_loss(unlabeled)``; every term the
 method returns is logged as ``train/<name>``.
+
+Validation, test and prediction go through :meth:`SemiSupervisedModule.segment`: the inference network on the
+batch as it is, or, with ``evaluation.sliding_window`` (models trained on ``data.crop_size`` crops), over
+overlapping tiles of each whole image (:mod:`semiseg.inference`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -28,13 +33,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from semiseg.errors import ConfigError, SemiSegError
+from semiseg.errors import ConfigError, SemiSegError, check_choice
+from semiseg.inference import SlidingWindow
 from semiseg.losses import ce_dice_loss, class_weight_tensor
-from semiseg.metrics import SegmentationMetrics
+from semiseg.metrics import PerImageMetrics, SegmentationMetrics
 from semiseg.models.base import SegmentationNetwork, count_trainable_parameters
 from semiseg.ramps import sigmoid_rampup
 
+log = logging.getLogger(__name__)
+
+DIVERGENCE_FACTOR = 100.0  # numerics.divergence_factor's default: warn above 100 x the first training loss
+
 Batch = dict[str, Any]
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
+NONFINITE_POLICIES = ("stop", "skip")  # what a NaN/Inf training loss does (numerics.on_nonfinite)
 
 
 class NonFiniteLossError(SemiSegError, FloatingPointError):
@@ -99,27 +111,24 @@ class SemiSupervisedModule(L.LightningModule):
             _plain, (model, optimizer, scheduler, loss, evaluation, numerics)
         )
         class_names = list(class_names)
+        # self.hparams: these arguments (and a subclass's), saved in every checkpoint; the properties below read them
         self.save_hyperparameters(logger=False)
-        self.model_config = dict(_plain(model))
-        self.model_name = self.model_config.pop("name", None)
-        self.class_names = list(class_names)
-        self.num_classes = len(self.class_names)
-        self.in_channels = in_channels
-        self.ignore_index = ignore_index
-        self.optimizer_config = _plain(optimizer) or {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3}
-        self.scheduler_config = _plain(scheduler)
-        loss = dict(_plain(loss) or {})
+        loss = dict(loss or {})
         self.ce_weight = float(loss.get("ce_weight", 0.5))
         self.dice_weight = float(loss.get("dice_weight", 0.5))
         weights = class_weight_tensor(loss.get("class_weights"), self.num_classes)
         self.register_buffer("class_weights", weights if weights is not None else torch.empty(0), persistent=False)
-        evaluation = dict(_plain(evaluation) or {})
-        numerics = dict(_plain(numerics) or {})
-        self.on_nonfinite = str(numerics.get("on_nonfinite", "stop"))
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"numerics.on_nonfinite={self.on_nonfinite!r} must be 'stop' or 'skip'")
+        evaluation = dict(evaluation or {})
+        numerics = dict(numerics or {})
+        self.on_nonfinite = check_choice(
+            "numerics.on_nonfinite", str(numerics.get("on_nonfinite", "stop")), NONFINITE_POLICIES
+        )
         self.max_skipped = numerics.get("max_skipped")
         self.skipped_batches = 0
+        factor = numerics.get("divergence_factor", DIVERGENCE_FACTOR)
+        self.divergence_factor = None if factor is None else float(factor)
+        self._first_loss: float | None = None
+        self._divergence_warned = False
         self.method_name = name or type(self).__name__.lower()
         metric_args = {
             "class_names": self.class_names,
@@ -129,7 +138,45 @@ class SemiSupervisedModule(L.LightningModule):
         }
         self.val_metrics = SegmentationMetrics(**metric_args)
         self.test_metrics = SegmentationMetrics(**metric_args)
+        # the papers' per-image convention beside the whole-split metrics (keys <stage>/mIoU_image, mDice_image)
+        image_args = {k: metric_args[k] for k in ("class_names", "ignore_index", "background_index")}
+        self.image_metrics = nn.ModuleDict({stage: PerImageMetrics(**image_args) for stage in ("val", "test")})
         self.configure_networks()
+        divisor = getattr(self.inference_network, "size_divisor", 1)
+        self.sliding_window = SlidingWindow.from_config(evaluation, divisor)  # None: whole batches as they are
+
+    # ---- the run's facts, from the saved hyperparameters ----------------------------------------
+    @property
+    def class_names(self) -> list[str]:
+        """All class names of the dataset, background first."""
+        return self.hparams["class_names"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.hparams["class_names"])
+
+    @property
+    def in_channels(self) -> int:
+        return self.hparams["in_channels"]
+
+    @property
+    def ignore_index(self) -> int:
+        """The target value of unlabeled pixels."""
+        return self.hparams["ignore_index"]
+
+    @property
+    def model_name(self) -> str | None:
+        return self.hparams["model"].get("name")
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        """The network config without its ``name``: ``_target_`` and the network's arguments."""
+        return {key: value for key, value in self.hparams["model"].items() if key != "name"}
+
+    @property
+    def optimizer_config(self) -> dict[str, Any]:
+        """The partial optimizer config (Adam with lr 1e-3 when none was given)."""
+        return self.hparams["optimizer"] or DEFAULT_OPTIMIZER
 
     # ---- what a method defines ----------------------------------------------------------------
     def configure_networks(self) -> None:
@@ -148,6 +195,13 @@ class SemiSupervisedModule(L.LightningModule):
     def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
         """``image (B, C, H, W)`` -> logits ``(B, num_classes, H, W)`` of the inference network."""
         return self.inference_network(image)
+
+    def segment(self, image: torch.Tensor) -> torch.Tensor:
+        """Validation, test and prediction: ``image (B, C, H, W)`` at any size -> ``(B, num_classes, H, W)``
+        logits (log-probabilities through the sliding window when ``evaluation.sliding_window`` is on)."""
+        if self.sliding_window is None:
+            return self.predict_logits(image)
+        return self.sliding_window(self.predict_logits, image)
 
     # ---- helpers for methods ------------------------------------------------------------------
     def build_network(self, **overrides: Any) -> SegmentationNetwork:
@@ -210,13 +264,31 @@ class SemiSupervisedModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
         loss, terms = self.training_losses(batch["labeled"], batch.get("unlabeled"))
         batch_size = batch["labeled"]["image"].shape[0]
-        if not bool(torch.isfinite(loss.detach()).all()):  # one host sync per step; the loss is a scalar
+        value = float(loss.detach())  # one host sync per step; the loss is a scalar
+        if not math.isfinite(value):
             return self.handle_nonfinite_loss(loss, terms, batch_size)
+        self.warn_if_diverging(value)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         for name, value in terms.items():
             value = value.detach() if torch.is_tensor(value) else torch.tensor(float(value))
             self.log(f"train/{name}", value.float(), batch_size=batch_size)
         return loss
+
+    def warn_if_diverging(self, value: float) -> None:
+        """Warn once when the training loss grows ``numerics.divergence_factor`` times above its first value
+        (a learning rate far too high: Adam at ``lr=1e6`` reaches 1e12), while it is still finite."""
+        if self.divergence_factor is None or self._divergence_warned:
+            return
+        if self._first_loss is None:
+            self._first_loss = value
+        elif value > abs(self._first_loss) * self.divergence_factor:
+            self._divergence_warned = True
+            log.warning(
+                "the training loss is diverging: %.4g at step %d, %.0f times its first value %.4g; lower "
+                "optimizer.lr (now %s) or enable trainer.gradient_clip_val",
+                value, self.global_step, value / max(abs(self._first_loss), 1e-12), self._first_loss,
+                self.optimizer_config.get("lr"),
+            )  # fmt: skip
 
     def handle_nonfinite_loss(self, loss: torch.Tensor, terms: LossTerms, batch_size: int) -> None:
         """A NaN/Inf loss: stop with a debug checkpoint (``on_nonfinite: stop``) or skip the update."""
@@ -231,10 +303,17 @@ class SemiSupervisedModule(L.LightningModule):
             if self.max_skipped is None or self.skipped_batches <= int(self.max_skipped):
                 return None
         path = self.save_debug_checkpoint()
+        if self.on_nonfinite == "skip":  # skipping is on already: the budget of skipped batches is spent
+            advice = f"{self.skipped_batches} batches were skipped, more than numerics.max_skipped={self.max_skipped}"
+            advice += "; lower optimizer.lr, enable trainer.gradient_clip_val or check the data"
+        else:
+            advice = (
+                "Lower optimizer.lr, enable trainer.gradient_clip_val, check the data, "
+                "or set numerics.on_nonfinite=skip to skip such batches"
+            )
         raise NonFiniteLossError(
             f"loss term '{term}' is {value} at step {self.global_step} (method {self.method_name}); "
-            f"debug checkpoint: {path}. Lower optimizer.lr, enable trainer.gradient_clip_val, check the data, "
-            "or set numerics.on_nonfinite=skip to skip such batches"
+            f"debug checkpoint: {path}. {advice}"
         )
 
     def save_debug_checkpoint(self) -> str:
@@ -247,8 +326,9 @@ class SemiSupervisedModule(L.LightningModule):
         return str(path)
 
     def _evaluate(self, batch: Batch, metrics: SegmentationMetrics, stage: str) -> torch.Tensor:
-        logits = self.predict_logits(batch["image"])
+        logits = self.segment(batch["image"])
         metrics.update(logits, batch["mask"])
+        self.image_metrics[stage].update(logits, batch["mask"])
         loss = self.seg_loss(logits, batch["mask"])
         self.log(f"{stage}/loss", loss, batch_size=batch["image"].shape[0], sync_dist=True)
         return logits
@@ -259,8 +339,12 @@ class SemiSupervisedModule(L.LightningModule):
     def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         return self._evaluate(batch, self.test_metrics, "test")
 
+    def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        return self.segment(batch["image"])
+
     def _log_metrics(self, metrics: SegmentationMetrics, stage: str) -> None:
-        values = metrics.compute()
+        values = {**metrics.compute(), **self.image_metrics[stage].compute()}
+        self.image_metrics[stage].reset()
         # torchmetrics already reduced the states over ranks; sync_dist keeps Lightning's epoch-level logging consistent
         self.log_dict({f"{stage}/{key}": value for key, value in values.items()}, sync_dist=True)
         metrics.reset()
@@ -284,9 +368,9 @@ class SemiSupervisedModule(L.LightningModule):
     # ---- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         optimizer = _factory(self.optimizer_config)(params=self.optimizer_parameter_groups())
-        if not self.scheduler_config:
+        if not self.hparams["scheduler"]:
             return optimizer
-        scheduler_config = dict(self.scheduler_config)
+        scheduler_config = dict(self.hparams["scheduler"])
         factory = scheduler_config.pop("scheduler", None)
         if factory is None:
             raise ConfigError("scheduler needs a 'scheduler' entry (a partial config with _target_)")

@@ -21,11 +21,15 @@ Choices and differences (see docs/methods/cct.md):
   suite's shared 0.5·(CE + Dice). ``aux_supervised: true`` averages the supervised loss over all decoders
   instead, as the UAPS comparison code does.
 * The paper's weight is ω_u = 30 ramped over the first 10% of training (``rampup_steps: 0.1``).
+* The UAPS comparison code (``CCT/CCT_train.py``, ``CCT/CCT_unet.py``) drops features with ``p = 0.3``
+  (``perturbation_options: {dropout: {p: 0.3}}``; the default 0.5 is the UAPS decoders') and does not detach
+  the main decoder's softmax, so the consistency also trains the main decoder towards the auxiliary ones
+  (``detach_target: false``). ``method=cct_code`` sets both with ``aux_supervised: true``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg.errors import ConfigError
-from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule
+from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule, _plain
 from semiseg.methods.pseudo_labels import ramp_length
 from semiseg.models.multi_decoder import MultiDecoderNetwork
 from semiseg.models.perturbations import make_perturbation
@@ -50,6 +54,9 @@ class CCT(SemiSupervisedModule):
         rampup_steps: sigmoid ramp-up length in steps, or a fraction of ``trainer.max_steps`` when in (0, 1).
         aux_supervised: also train the auxiliary decoders on labeled images (supervised loss averaged over
             all decoders, the UAPS comparison code) instead of the main decoder only (the paper).
+        perturbation_options: keyword arguments per perturbation name, e.g. ``dropout: {p: 0.3}``.
+        detach_target: stop the gradient through the main decoder's softmax (the paper); ``false`` is the
+            UAPS comparison code's plain MSE between the two softmaxes.
     """
 
     def __init__(
@@ -59,6 +66,8 @@ class CCT(SemiSupervisedModule):
         weight: float = 30.0,
         rampup_steps: float = 0.1,
         aux_supervised: bool = False,
+        perturbation_options: Mapping[str, Mapping[str, Any]] | None = None,
+        detach_target: bool = True,
         **base: Any,
     ) -> None:
         if not isinstance(num_aux_decoders, int) or num_aux_decoders < 1:
@@ -70,11 +79,16 @@ class CCT(SemiSupervisedModule):
         self.weight = weight
         self.rampup_steps = rampup_steps
         self.aux_supervised = aux_supervised
+        self.perturbation_options = {
+            str(name): dict(_plain(options)) for name, options in (_plain(perturbation_options) or {}).items()
+        }
+        self.detach_target = detach_target
         super().__init__(**base)
 
     def configure_networks(self) -> None:
         names = [self.perturbation_names[k % len(self.perturbation_names)] for k in range(self.num_aux_decoders)]
-        self.net = MultiDecoderNetwork(self.build_network(), [make_perturbation(name) for name in names])
+        perturbations = [make_perturbation(name, **self.perturbation_options.get(name, {})) for name in names]
+        self.net = MultiDecoderNetwork(self.build_network(), perturbations)
 
     @property
     def inference_network(self) -> nn.Module:
@@ -87,15 +101,17 @@ class CCT(SemiSupervisedModule):
         return torch.stack(losses).mean(), {"loss_sup_main": losses[0]}
 
     @staticmethod
-    def consistency_loss(main_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Mean over auxiliary decoders of the MSE between their softmax and the main decoder's detached
-        softmax; every tensor ``(B, C, H, W)``."""
-        target = main_logits.detach().softmax(dim=1)
+    def consistency_loss(
+        main_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor], detach_target: bool = True
+    ) -> torch.Tensor:
+        """Mean over auxiliary decoders of the MSE between their softmax and the main decoder's softmax
+        (detached unless ``detach_target`` is false); every tensor ``(B, C, H, W)``."""
+        target = (main_logits.detach() if detach_target else main_logits).softmax(dim=1)
         return torch.stack([F.mse_loss(logits.softmax(dim=1), target) for logits in aux_logits]).mean()
 
     def unsupervised_loss(self, unlabeled: Batch, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
         main_logits, *aux_logits = self.net.forward_all(unlabeled["image"])
-        consistency = self.consistency_loss(main_logits, aux_logits)
+        consistency = self.consistency_loss(main_logits, aux_logits, self.detach_target)
         max_steps = self.trainer.max_steps if self._trainer is not None else None
         weight = self.weight * self.rampup(ramp_length(self.rampup_steps, max_steps))
         return weight * consistency, {"loss_consistency": consistency, "weight_consistency": torch.tensor(weight)}

@@ -13,16 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from semiseg.errors import ConfigError
+from semiseg.errors import check_choice
 
-CLASS_REDUCTIONS = ("mean", "sum")
-
-
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a :class:`ConfigError` naming ``method.<key>``."""
-    if value not in choices:
-        raise ConfigError(f"method.{key}={value!r} must be one of {list(choices)}")
-    return value
+CLASS_REDUCTIONS = ("mean", "sum", "half_sum")
 
 
 def softmax_mse(
@@ -33,18 +26,20 @@ def softmax_mse(
     Args:
         student_logits: ``(B, C, H, W)`` logits (gradients flow through them).
         teacher_probs: ``(B, C, H, W)`` target probabilities (use detached ones).
-        class_reduction: ``mean`` over the ``C`` classes (what the Mean Teacher, UA-MT and SSL4MIS code
-            compute) or ``sum`` (the squared L2 norm written in the papers).
+        class_reduction: ``mean`` over the ``C`` classes (what the Mean Teacher and SSL4MIS code compute),
+            ``sum`` (the squared L2 norm written in the papers) or ``half_sum`` (``sum / 2``: the UA-MT code's
+            ``sum(mask * d) / (2 * sum(mask))``, written for two classes; ``C/2`` times ``mean``).
 
     Returns:
         ``(B, H, W)`` per-pixel distance.
     """
+    check_choice("method.class_reduction", class_reduction, CLASS_REDUCTIONS)
     squared = (student_logits.softmax(dim=1) - teacher_probs) ** 2
     if class_reduction == "mean":
         return squared.mean(dim=1)
     if class_reduction == "sum":
         return squared.sum(dim=1)
-    raise ConfigError(f"method.class_reduction={class_reduction!r} must be one of {list(CLASS_REDUCTIONS)}")
+    return squared.sum(dim=1) / 2  # half_sum
 
 
 def masked_mean(per_pixel: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

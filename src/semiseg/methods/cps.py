@@ -31,44 +31,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
+from semiseg.errors import check_choice
 from semiseg.losses import ce_dice_loss, cross_entropy
-from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule
-from semiseg.methods.consistency import check_choice
+from semiseg.methods.base import Batch, LossTerms
 from semiseg.methods.mixing import mix, random_boxes, rolled
+from semiseg.methods.two_networks import TWO_NETWORK_INFERENCE, TwoNetworkModule
 
 COMBINE_MODES = ("sum", "concat")
 PSEUDO_LOSSES = ("ce", "ce_dice")
 MIXING_MODES = ("none", "cutmix")
-TWO_NETWORK_INFERENCE = ("first", "ensemble")
-
-
-class MeanSoftmaxEnsemble(nn.Module):
-    """Mean of two networks' softmax, returned as log-probabilities (argmax-compatible logits)."""
-
-    def __init__(self, first: nn.Module, second: nn.Module) -> None:
-        super().__init__()
-        self.first, self.second = first, second
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return ((self.first(image).softmax(1) + self.second(image).softmax(1)) / 2).clamp_min(1e-8).log()
-
-
-class TwoNetworkModule(SemiSupervisedModule):
-    """Base of methods that train two networks of the same architecture (CPS, DCT): ``self.net`` and
-    ``self.net2``; inference runs the first (``inference: first``) or both (``inference: ensemble``)."""
-
-    inference: str = "first"
-
-    def configure_networks(self) -> None:
-        # two independent constructions draw two different initialisations from the seeded generator
-        self.net = self.build_network()
-        self.net2 = self.build_network()
-
-    @property
-    def inference_network(self) -> nn.Module:
-        return self.net if self.inference == "first" else MeanSoftmaxEnsemble(self.net, self.net2)
 
 
 class CPS(TwoNetworkModule):
@@ -100,11 +72,11 @@ class CPS(TwoNetworkModule):
         self.weight = weight
         self.rampup_steps = rampup_steps
         self.cps_on_labeled = cps_on_labeled
-        self.combine = check_choice("combine", combine, COMBINE_MODES)
-        self.pseudo_loss = check_choice("pseudo_loss", pseudo_loss, PSEUDO_LOSSES)
-        self.mixing = check_choice("mixing", mixing, MIXING_MODES)
+        self.combine = check_choice("method.combine", combine, COMBINE_MODES)
+        self.pseudo_loss = check_choice("method.pseudo_loss", pseudo_loss, PSEUDO_LOSSES)
+        self.mixing = check_choice("method.mixing", mixing, MIXING_MODES)
         self.cutmix = {"prob": 1.0, "area": (0.25, 0.5), "aspect": (0.3, 1 / 0.3), **dict(cutmix or {})}
-        self.inference = check_choice("inference", inference, TWO_NETWORK_INFERENCE)
+        self.inference = check_choice("method.inference", inference, TWO_NETWORK_INFERENCE)
         super().__init__(**base)
 
     def supervised_loss(self, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:

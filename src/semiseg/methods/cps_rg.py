@@ -51,7 +51,7 @@ import torch
 from PIL import Image
 
 from semiseg.callbacks import PALETTE
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.io import atomic_write_json
 from semiseg.losses import cross_entropy, focal_loss, focal_loss_per_pixel, superloss
 from semiseg.methods.base import Batch, LossTerms
@@ -109,10 +109,8 @@ class CPSRegionGrowing(CPS):
         inference: str = "ensemble",
         **base: Any,
     ) -> None:
-        if loss_type not in LOSS_TYPES:
-            raise ConfigError(f"method.loss_type={loss_type!r} must be one of {list(LOSS_TYPES)}")
-        if cps_loss not in CPS_LOSSES:
-            raise ConfigError(f"method.cps_loss={cps_loss!r} must be one of {list(CPS_LOSSES)}")
+        check_choice("method.loss_type", loss_type, LOSS_TYPES)
+        check_choice("method.cps_loss", cps_loss, CPS_LOSSES)
         if not 0 <= cps_start_epoch <= grow_start_epoch:
             raise ConfigError(
                 f"method.cps_start_epoch={cps_start_epoch} and method.grow_start_epoch={grow_start_epoch}: the "
@@ -127,8 +125,7 @@ class CPSRegionGrowing(CPS):
         self.superloss_momentum = float(superloss.pop("momentum", 0.9))
         if superloss:
             raise ConfigError(f"method.superloss has no key(s) {sorted(superloss)}; use base, lam, tau, momentum")
-        if self.superloss_base not in SUPERLOSS_BASES:
-            raise ConfigError(f"method.superloss.base={self.superloss_base!r} must be one of {list(SUPERLOSS_BASES)}")
+        check_choice("method.superloss.base", self.superloss_base, SUPERLOSS_BASES)
         if not isinstance(self.superloss_tau, int | float) and self.superloss_tau not in ("ema", "log_classes"):
             raise ConfigError(f"method.superloss.tau={self.superloss_tau!r} must be 'ema', 'log_classes' or a number")
         if class_balance < 0:

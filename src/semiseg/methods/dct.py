@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.methods.base import Batch, LossTerms
-from semiseg.methods.consistency import check_choice, fgsm_direction, js_divergence, soft_cross_entropy
-from semiseg.methods.cps import TWO_NETWORK_INFERENCE, TwoNetworkModule
+from semiseg.methods.consistency import fgsm_direction, js_divergence, soft_cross_entropy
+from semiseg.methods.two_networks import TWO_NETWORK_INFERENCE, TwoNetworkModule
 
 
 class DCT(TwoNetworkModule):
@@ -65,7 +65,7 @@ class DCT(TwoNetworkModule):
         self.rampup_steps = rampup_steps
         self.epsilon = epsilon
         self.dif_on_labeled = dif_on_labeled
-        self.inference = check_choice("inference", inference, TWO_NETWORK_INFERENCE)
+        self.inference = check_choice("method.inference", inference, TWO_NETWORK_INFERENCE)
         super().__init__(**base)
 
     def supervised_loss(self, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:

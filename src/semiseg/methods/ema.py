@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 
 BUFFER_POLICIES = ("ema", "own", "copy")
 
@@ -39,8 +39,7 @@ class EMATeacher(nn.Module):
         super().__init__()
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"method.ema_decay={decay} must lie in [0, 1]")
-        if buffers not in BUFFER_POLICIES:
-            raise ConfigError(f"method.ema_buffers={buffers!r} must be one of {list(BUFFER_POLICIES)}")
+        check_choice("method.ema_buffers", buffers, BUFFER_POLICIES)
         self.decay = decay
         self.buffers_policy = buffers
         self.module = copy.deepcopy(student)

@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from semiseg.errors import check_choice
 from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule
 from semiseg.methods.consistency import (
     CLASS_REDUCTIONS,
-    check_choice,
     gaussian_input_noise,
     masked_mean,
     softmax_mse,
@@ -90,13 +90,13 @@ class MeanTeacher(SemiSupervisedModule):
         self.consistency_start_step = consistency_start_step
         self.ema_decay = ema_decay
         self.ema_decay_warmup = ema_decay_warmup
-        self.ema_buffers = check_choice("ema_buffers", ema_buffers, BUFFER_POLICIES)
-        self.teacher_mode = check_choice("teacher_mode", teacher_mode, TEACHER_MODES)
+        self.ema_buffers = check_choice("method.ema_buffers", ema_buffers, BUFFER_POLICIES)
+        self.teacher_mode = check_choice("method.teacher_mode", teacher_mode, TEACHER_MODES)
         self.noise_std = noise_std
         self.noise_clip = noise_clip
-        self.noise_on = check_choice("noise_on", noise_on, NOISE_TARGETS)
-        self.class_reduction = check_choice("class_reduction", class_reduction, CLASS_REDUCTIONS)
-        self.inference = check_choice("inference", inference, INFERENCE_NETWORKS)
+        self.noise_on = check_choice("method.noise_on", noise_on, NOISE_TARGETS)
+        self.class_reduction = check_choice("method.class_reduction", class_reduction, CLASS_REDUCTIONS)
+        self.inference = check_choice("method.inference", inference, INFERENCE_NETWORKS)
         super().__init__(**base)
 
     def configure_networks(self) -> None:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -81,8 +81,7 @@ class ClassQueues(nn.Module):
         super().__init__()
         if not capacities or any(int(c) < 1 for c in capacities):
             raise ConfigError(f"memory queue capacities {list(capacities)} must be positive integers")
-        if dtype not in DTYPES:
-            raise ConfigError(f"method.queue_dtype={dtype!r} must be one of {sorted(DTYPES)}")
+        check_choice("method.queue_dtype", dtype, sorted(DTYPES))
         self.capacities = [int(c) for c in capacities]
         self.dim = int(dim)
         self.dtype = DTYPES[dtype]

@@ -37,7 +37,9 @@ One training step (``B_l`` labeled, ``B_u`` unlabeled images of size ``H x W``):
      entries (50k for background; ``queue_size``/``background_queue_size``), are module buffers saved in
      checkpoints and are all-gathered under DDP (:mod:`semiseg.methods.memory_bank`). ``num_queries`` (256)
      anchors per class, each against the prototype and ``num_negatives`` (50) queue entries; ``L_c`` is the
-     mean over classes that have anchors and a non-empty queue. Weight 0.1 as in the paper (the official
+     mean over classes that have anchors and a non-empty queue (the official code divides the sum by the
+     classes present in the batch and returns 0 when at most one is: ``contrastive_normalization:
+     present_classes``). Weight 0.1 as in the paper (the official
      configs leave it at 1.0: ``contrastive_weight=1.0``).
 
 Binary (and three-class) datasets. Ranks run from 0 to ``C - 1``: with ``low_rank >= C`` no class can rank in
@@ -73,9 +75,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.losses import cross_entropy
 from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule, _plain
+from semiseg.methods.consistency import entropy
 from semiseg.methods.ema import EMATeacher, ramped_ema_decay
 from semiseg.methods.memory_bank import ClassQueues
 from semiseg.methods.mixing import mix, random_boxes, rolled
@@ -84,8 +87,10 @@ from semiseg.models.base import SegmentationNetwork
 log = logging.getLogger(__name__)
 
 ENTROPY_EPS = 1e-10
+PSEUDO_LOSS_NORMALIZATIONS = ("all_pixels", "official")
 DEFAULT_CUTMIX = {"prob": 0.5, "area": 0.5, "aspect": [0.5, 2.0], "per_sample": False}
 DEFAULT_OHEM = {"thresh": 0.7, "min_kept": 100000}
+CONTRASTIVE_NORMALIZATIONS = ("used_classes", "present_classes")
 
 
 # ---- networks ------------------------------------------------------------------------------------
@@ -138,11 +143,6 @@ class U2PLNetwork(nn.Module):
 
 
 # ---- building blocks (pure functions, tested on their own) ----------------------------------------
-def entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Per-pixel entropy ``-sum_c p log p``: ``(B, C, H, W)`` -> ``(B, H, W)``."""
-    return -(probs * torch.log(probs + ENTROPY_EPS)).sum(dim=1)
-
-
 def extreme_share_mask(values: torch.Tensor, valid: torch.Tensor, share: float, largest: bool = True) -> torch.Tensor:
     """Bool mask of exactly ``round(share * n_valid)`` valid pixels with the largest (or smallest) ``values``.
 
@@ -188,15 +188,14 @@ def pseudo_label_loss(
     ``all_pixels``: sum over kept pixels / all ``B H W`` pixels (the paper). ``official``: mean over kept
     pixels times ``B H W / kept`` (the official code's weighting).
     """
+    check_choice("method.pseudo_loss_normalization", normalization, PSEUDO_LOSS_NORMALIZATIONS)
     per_pixel = F.cross_entropy(logits, target.clamp_min(0).clamp_max(logits.shape[1] - 1), reduction="none")
     kept = keep.to(per_pixel.dtype)
     total = kept.sum()
     if normalization == "all_pixels":
         return (per_pixel * kept).sum() / target.numel()
-    if normalization == "official":
-        mean = (per_pixel * kept).sum() / total.clamp_min(1.0)
-        return mean * target.numel() / total.clamp_min(1.0)
-    raise ConfigError(f"method.pseudo_loss_normalization={normalization!r} must be 'all_pixels' or 'official'")
+    mean = (per_pixel * kept).sum() / total.clamp_min(1.0)  # official
+    return mean * target.numel() / total.clamp_min(1.0)
 
 
 def ohem_cross_entropy(
@@ -237,11 +236,13 @@ def info_nce(
 
 @dataclass
 class ContrastivePixels:
-    """Per-class pixel masks at the representation's resolution, each ``(C, B, h, w)`` bool."""
+    """Per-class pixel masks at the representation's resolution, each ``(C, B, h, w)`` bool, and ``present``
+    ``(C,)`` bool: the classes with a labeled or reliable unlabeled pixel (the official code's valid classes)."""
 
     anchors: torch.Tensor
     prototypes: torch.Tensor
     negatives: torch.Tensor
+    present: torch.Tensor
 
 
 def select_contrastive_pixels(
@@ -272,7 +273,7 @@ def select_contrastive_pixels(
     ranks = probs.argsort(dim=1, descending=True).argsort(dim=1)  # rank of each class at each pixel, 0 = top
     valid = labels != ignore_index
     labeled = is_labeled.view(-1, 1, 1)
-    anchors, prototypes, negatives = [], [], []
+    anchors, prototypes, negatives, present = [], [], [], []
     for c in range(num_classes):
         of_class = valid & (labels == c) & reliable
         anchor = of_class & (probs[:, c] > anchor_threshold)
@@ -282,7 +283,10 @@ def select_contrastive_pixels(
         anchors.append(anchor)
         prototypes.append(anchor if prototype_pixels == "anchors" else of_class)
         negatives.append(labeled_negative | unlabeled_negative)
-    return ContrastivePixels(torch.stack(anchors), torch.stack(prototypes), torch.stack(negatives))
+        present.append(of_class.any())
+    return ContrastivePixels(
+        torch.stack(anchors), torch.stack(prototypes), torch.stack(negatives), torch.stack(present)
+    )
 
 
 def contrastive_loss(
@@ -293,11 +297,15 @@ def contrastive_loss(
     num_queries: int,
     num_negatives: int,
     temperature: float,
+    normalization: str = "used_classes",
 ) -> tuple[torch.Tensor, int]:
-    """Enqueue every class's negatives, then the mean InfoNCE over classes with anchors and negatives.
+    """Enqueue every class's negatives, then the InfoNCE of the classes with anchors and negatives, averaged.
 
     ``representation`` (student, with gradient) and ``teacher_representation``: ``(B, D, h, w)``.
-    Returns the loss (a zero tied to the graph when no class qualifies) and the number of classes used.
+    ``normalization``: ``used_classes`` divides the sum by the classes that contributed; ``present_classes``
+    (the official code) by the classes present in the batch (``pixels.present``), and gives 0 when at most one
+    class is present. Returns the loss (a zero tied to the graph when no class qualifies) and the number of
+    classes used.
     """
     with torch.autocast(device_type=representation.device.type, enabled=False):  # float32 similarities
         return _contrastive_loss(
@@ -308,6 +316,7 @@ def contrastive_loss(
             num_queries,
             num_negatives,
             temperature,
+            normalization,
         )
 
 
@@ -319,6 +328,7 @@ def _contrastive_loss(
     num_queries: int,
     num_negatives: int,
     temperature: float,
+    normalization: str,
 ) -> tuple[torch.Tensor, int]:
     student = representation.permute(0, 2, 3, 1)  # (B, h, w, D)
     teacher = teacher_representation.detach().permute(0, 2, 3, 1)
@@ -334,9 +344,17 @@ def _contrastive_loss(
         negatives = queues.sample(c, num_queries * num_negatives).to(student)
         negatives = negatives.view(num_queries, num_negatives, -1)
         losses.append(info_nce(candidates[chosen], prototype, negatives, temperature))
-    if not losses:
+    num_present = int(pixels.present.sum())
+    if not losses or (normalization == "present_classes" and num_present <= 1):
         return representation.sum() * 0.0, 0
+    if normalization == "present_classes":
+        return torch.stack(losses).sum() / num_present, len(losses)
     return torch.stack(losses).mean(), len(losses)
+
+
+def _teacher_started_default(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before ``teacher_started`` existed evaluated the teacher: keep that."""
+    state_dict.setdefault(prefix + "teacher_started", torch.tensor(True))
 
 
 def downsample_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -377,8 +395,15 @@ class U2PL(SemiSupervisedModule):
         cutmix: ``prob``, ``area``, ``aspect`` range, ``per_sample``.
         supervised_loss: ``ce`` (paper), ``ohem`` (with ``ohem: {thresh, min_kept}``) or ``shared``.
         head_lr_multiplier: learning-rate factor of everything but the encoder (10 in the official VOC runs).
-        supervised_only_steps: steps trained on labeled images alone before the teacher takes over.
+        supervised_only_steps: steps trained on labeled images alone before the teacher takes over; during
+            them the teacher runs in train mode on the labeled images (warming its BatchNorm statistics, as the
+            official code does) and validation uses the student.
         inference: ``teacher`` (official) or ``student`` network at validation and test.
+        teacher_copy_steps: for this many semi-supervised steps the teacher is the student (copied before the
+            pseudo-labels and after the update); the official code does so for its whole first
+            semi-supervised epoch. 0: EMA from the first step.
+        contrastive_normalization: ``used_classes`` or ``present_classes`` (the official code; see
+            :func:`contrastive_loss`).
     """
 
     def __init__(
@@ -409,6 +434,8 @@ class U2PL(SemiSupervisedModule):
         head_lr_multiplier: float = 1.0,
         supervised_only_steps: int = 0,
         inference: str = "teacher",
+        teacher_copy_steps: int = 0,
+        contrastive_normalization: str = "used_classes",
         **base: Any,
     ) -> None:
         # plain containers only, so that checkpoints load with torch.load(weights_only=True)
@@ -417,12 +444,12 @@ class U2PL(SemiSupervisedModule):
         checks = {
             "supervised_loss": (supervised_loss, ("ce", "ohem", "shared")),
             "prototype_pixels": (prototype_pixels, ("anchors", "reliable")),
-            "pseudo_loss_normalization": (pseudo_loss_normalization, ("all_pixels", "official")),
+            "pseudo_loss_normalization": (pseudo_loss_normalization, PSEUDO_LOSS_NORMALIZATIONS),
             "inference": (inference, ("teacher", "student")),
+            "contrastive_normalization": (contrastive_normalization, CONTRASTIVE_NORMALIZATIONS),
         }
         for key, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ConfigError(f"method.{key}={value!r} must be one of {list(allowed)}")
+            check_choice(f"method.{key}", value, allowed)
         if not 0.0 <= alpha_0 <= 100.0:
             raise ConfigError(f"method.alpha_0={alpha_0} must be a percentage in [0, 100]")
         if low_rank < 1 or high_rank <= low_rank:
@@ -454,6 +481,8 @@ class U2PL(SemiSupervisedModule):
         self.head_lr_multiplier = head_lr_multiplier
         self.supervised_only_steps = supervised_only_steps
         self.inference = inference
+        self.teacher_copy_steps = int(teacher_copy_steps)
+        self.contrastive_normalization = contrastive_normalization
         self._joint: _JointPass | None = None
         self._last_ema_decay = 0.0
         super().__init__(**base)
@@ -480,10 +509,16 @@ class U2PL(SemiSupervisedModule):
         capacities = [self.queue_size] * self.num_classes
         capacities[self.background_index] = self.background_queue_size
         self.memory = ClassQueues(capacities, self.rep_dim, dtype=self.queue_dtype)
+        # whether the teacher has taken over from the warmed-up student (saved, so that evaluating a checkpoint
+        # written during the warm-up uses the network that was validated)
+        self.register_buffer("teacher_started", torch.tensor(self.supervised_only_steps <= 0))
+        self.register_load_state_dict_pre_hook(_teacher_started_default)
 
     @property
     def inference_network(self) -> nn.Module:
-        return self.teacher.module.segmenter if self.inference == "teacher" else self.net.segmenter
+        """The teacher (``inference: teacher``) once it has taken over; the student before (warm-up)."""
+        use_teacher = self.inference == "teacher" and bool(self.teacher_started)
+        return self.teacher.module.segmenter if use_teacher else self.net.segmenter
 
     @property
     def num_params(self) -> int:
@@ -528,15 +563,18 @@ class U2PL(SemiSupervisedModule):
         step = self.semi_supervised_step() - 1  # the step just taken
         if step < 0:
             return
-        self._last_ema_decay = ramped_ema_decay(step, self.ema_decay)
+        copying = step < self.teacher_copy_steps
+        self._last_ema_decay = 0.0 if copying else ramped_ema_decay(step, self.ema_decay)
         self.teacher.update(self.net, self._last_ema_decay)
 
     # ---- losses -------------------------------------------------------------------------------
     def training_losses(self, labeled: Batch, unlabeled: Batch | None) -> tuple[torch.Tensor, LossTerms]:
         self._joint = None
-        if unlabeled is not None and self.semi_supervised_step() >= 0:
-            if self.semi_supervised_step() == 0 and self.supervised_only_steps > 0:
-                self.teacher.update(self.net, 0.0)  # the teacher starts from the warmed-up student
+        step = self.semi_supervised_step()
+        if unlabeled is not None and step >= 0:
+            if (step == 0 and self.supervised_only_steps > 0) or step < self.teacher_copy_steps:
+                self.teacher.update(self.net, 0.0)  # the teacher starts from (or still is) the student
+            self.teacher_started.fill_(True)
             self._joint = self.joint_forward(labeled, unlabeled)
         try:
             return super().training_losses(labeled, unlabeled)
@@ -598,6 +636,8 @@ class U2PL(SemiSupervisedModule):
         else:  # supervised-only phase: keep the representation head in the graph (DDP needs every parameter)
             logits, representation = self.net.forward_with_representation(labeled["image"])
             self._idle_representation = representation
+            if self.training and self.semi_supervised_step() < 0:
+                self._teacher_pass(labeled["image"], train_mode=True)  # warms the teacher's BatchNorm statistics
         return self.labeled_loss(logits, labeled["mask"]), {}
 
     def unsupervised_loss(self, unlabeled: Batch, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
@@ -608,7 +648,7 @@ class U2PL(SemiSupervisedModule):
         n_l = joint.num_labeled
         alpha = self.alpha_t()
         teacher_probs = joint.teacher_logits.softmax(1)
-        pixel_entropy = entropy(teacher_probs[n_l:])
+        pixel_entropy = entropy(teacher_probs[n_l:], eps=ENTROPY_EPS)
         valid_u = joint.pseudo_labels != self.ignore_index
         unreliable_u = extreme_share_mask(pixel_entropy, valid_u, alpha / 100.0, largest=True)
         loss_pseudo = pseudo_label_loss(
@@ -645,6 +685,7 @@ class U2PL(SemiSupervisedModule):
                 self.num_queries,
                 self.num_negatives,
                 self.temperature,
+                self.contrastive_normalization,
             )
             loss = loss + self.contrastive_weight * loss_contrastive
             terms.update(

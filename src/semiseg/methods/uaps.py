@@ -36,13 +36,14 @@ At validation, test and deployment only the encoder and the main decoder run (``
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule, _plain
 from semiseg.models.multi_decoder import MultiDecoderNetwork
 from semiseg.models.perturbations import UAPS_ORDER, make_perturbation
@@ -67,29 +68,28 @@ class DecoderEnsemble(nn.Module):
         return self.network.ensemble_probabilities(image).clamp_min(LOG_EPS).log()
 
 
-def decoder_uncertainty(probabilities: torch.Tensor) -> torch.Tensor:
-    """Per-pixel uncertainty of each decoder: ``u_k = KL(p̄ ‖ p_k)``.
+def decoder_uncertainty(log_probabilities: torch.Tensor) -> torch.Tensor:
+    """Per-pixel uncertainty of each decoder: ``u_k = KL(p̄ ‖ p_k)``, exact for confident decoders.
 
     Args:
-        probabilities: ``(K, B, C, H, W)`` softmax of the K decoders.
+        log_probabilities: ``(K, B, C, H, W)`` log-softmax of the K decoders.
 
     Returns:
         ``(K, B, H, W)``: ``Σ_c p̄_c (log p̄_c − log p_k,c)`` with ``p̄ = mean_k p_k``; zero where all agree.
+        ``log p̄ = logsumexp_k log p_k − log K`` and ``log p_k`` come from the log-softmax, so no probability
+        is floored before a log (a floor would cut the KL of a decoder that puts < 1e-8 on a class).
     """
-    mean = probabilities.mean(dim=0, keepdim=True)
-    log_mean = mean.clamp_min(LOG_EPS).log()
-    log_each = probabilities.clamp_min(LOG_EPS).log()
-    return (mean * (log_mean - log_each)).sum(dim=2)
+    num_decoders = log_probabilities.shape[0]
+    log_mean = torch.logsumexp(log_probabilities, dim=0, keepdim=True) - math.log(num_decoders)
+    return (log_mean.exp() * (log_mean - log_probabilities)).sum(dim=2)
 
 
 def mixing_weights(num_decoders: int, mode: str, device: torch.device | None = None) -> torch.Tensor:
     """λ of shape ``(K,)`` on the simplex: a ``Dirichlet(1, …, 1)`` draw (``dynamic``) or ``1/K`` (``average``)."""
-    if mode == "average":
+    if check_choice("method.mixing", mode, MIXING_MODES) == "average":
         return torch.full((num_decoders,), 1.0 / num_decoders, device=device)
-    if mode == "dynamic":
-        concentration = torch.ones(num_decoders, device=device)
-        return torch.distributions.Dirichlet(concentration).sample()
-    raise ConfigError(f"method.mixing={mode!r} must be one of {list(MIXING_MODES)}")
+    concentration = torch.ones(num_decoders, device=device)  # dynamic
+    return torch.distributions.Dirichlet(concentration).sample()
 
 
 def mixed_pseudo_label(probabilities: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -154,8 +154,7 @@ class UAPS(SemiSupervisedModule):
             ("uncertainty_weighting", uncertainty_weighting, WEIGHTING_MODES),
             ("inference", inference, INFERENCE_MODES),
         ):
-            if value not in allowed:
-                raise ConfigError(f"method.{key}={value!r} must be one of {list(allowed)}")
+            check_choice(f"method.{key}", value, allowed)
         if isinstance(rampup_unit_steps, bool) or not isinstance(rampup_unit_steps, int) or rampup_unit_steps < 1:
             raise ConfigError(f"method.rampup_unit_steps={rampup_unit_steps!r} must be an integer >= 1, e.g. 80")
         # plain containers (not OmegaConf nodes) in the saved hyperparameters, so checkpoints load with
@@ -238,8 +237,9 @@ class UAPS(SemiSupervisedModule):
         active = self.use_ups or self.use_un or self.use_ps
         with torch.set_grad_enabled(active and torch.is_grad_enabled()):
             logits = self.net.forward_all(unlabeled["image"])
-            probabilities = torch.stack([item.softmax(dim=1) for item in logits])  # (K, B, C, H, W)
-            uncertainty = decoder_uncertainty(probabilities)  # (K, B, H, W)
+            log_probabilities = torch.stack([item.log_softmax(dim=1) for item in logits])  # (K, B, C, H, W)
+            probabilities = log_probabilities.exp()
+            uncertainty = decoder_uncertainty(log_probabilities)  # (K, B, H, W)
             weights = mixing_weights(len(logits), self.mixing, device=probabilities.device)
             pseudo_label = mixed_pseudo_label(probabilities, weights)
             zero = probabilities.new_zeros(())

@@ -28,7 +28,9 @@ it pastes the labeled box onto *both* views and takes pseudo-labels in the box f
 ground truth (box of half the image, p = 0.3; plus in-batch CutMix of labeled images, p = 0.2); its ``D``
 compares one head's weak with the other head's strong prediction; it multiplies an already averaged
 CE + Dice by the mean weight (image-level, not per pixel) — ``pseudo_loss: ce_dice`` gives its loss form;
-its λ is 0.1, ramped as in UAPS.
+its λ is 0.1, ramped as in UAPS; and its second head always decodes FeatureNoise-perturbed encoder features
+(``x + x·u``, ``u ~ U(-0.3, 0.3)``; ``head2_perturbation: noise``), on labeled, weak and strong images alike,
+while head 1 decodes the clean features (the default ``none`` gives both heads the clean features).
 """
 
 from __future__ import annotations
@@ -39,14 +41,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from semiseg.errors import ConfigError
+from semiseg.errors import check_choice
 from semiseg.losses import ce_dice_loss, cross_entropy
-from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule
+from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule, _plain
+from semiseg.methods.consistency import entropy
 from semiseg.methods.mixing import mix
 from semiseg.methods.pseudo_labels import kl_discrepancy, ramp_length
+from semiseg.models.perturbations import PerturbedFeatures, make_perturbation
 
 MIXING = ("cross_set_cutmix", "none")
 UNCERTAINTY = ("kl", "entropy", "none")
+ENTROPY_EPS = 1e-12  # guard of log 0 in the entropy weighting
 PSEUDO_LOSSES = ("ce", "ce_dice")
 
 
@@ -73,6 +78,8 @@ def uncertainty_weighted_pseudo_loss(
     Returns:
         ``(loss, mean_weight)``; the loss is 0 (not NaN) when every pixel is ignored.
     """
+    check_choice("method.uncertainty_weighting", uncertainty, UNCERTAINTY)
+    check_choice("method.pseudo_loss", pseudo_loss, PSEUDO_LOSSES)
     valid = target != ignore_index
     regulariser = logits.new_zeros(())
     if uncertainty == "none":
@@ -84,18 +91,13 @@ def uncertainty_weighted_pseudo_loss(
         regulariser = (discrepancy * counted).sum() / valid.sum().clamp_min(1)
     elif uncertainty == "entropy":
         prob = peer_weak_logits.detach().softmax(dim=1)
-        entropy = -(prob * prob.clamp_min(1e-12).log()).sum(dim=1)
-        weight = (1.0 - entropy / math.log(prob.shape[1])).clamp(0.0, 1.0)
-    else:
-        raise ConfigError(f"method.uncertainty_weighting={uncertainty!r} must be one of {list(UNCERTAINTY)}")
+        weight = (1.0 - entropy(prob, eps=ENTROPY_EPS) / math.log(prob.shape[1])).clamp(0.0, 1.0)
     if certain is not None:
         weight = torch.where(certain, torch.ones_like(weight), weight)
     if pseudo_loss == "ce":
         loss = cross_entropy(logits, target, ignore_index, weight=weight)
-    elif pseudo_loss == "ce_dice":
+    else:  # ce_dice
         loss = ce_dice_loss(logits, target, ignore_index, weight=weight)
-    else:
-        raise ConfigError(f"method.pseudo_loss={pseudo_loss!r} must be one of {list(PSEUDO_LOSSES)}")
     mean_weight = (weight.detach() * valid).sum() / valid.sum().clamp_min(1)
     return loss + regulariser, mean_weight
 
@@ -109,6 +111,9 @@ class UCC(SemiSupervisedModule):
         mixing: ``cross_set_cutmix`` (paste labeled boxes into the strong unlabeled view) or ``none``.
         uncertainty_weighting: ``kl``, ``entropy`` or ``none`` (see the module docstring).
         pseudo_loss: ``ce`` (our reading of the paper) or ``ce_dice`` (the UAPS re-implementation).
+        head2_perturbation: perturbation of the encoder features that head 2 decodes, ``none`` or any name
+            of :func:`~semiseg.models.perturbations.make_perturbation` (the UAPS re-implementation: ``noise``).
+        head2_perturbation_options: its keyword arguments (e.g. ``{uniform_range: 0.3}``).
     """
 
     unlabeled_views: ClassVar[tuple[str, ...]] = ("image", "image_strong", "cutmix_box")
@@ -120,35 +125,37 @@ class UCC(SemiSupervisedModule):
         mixing: str = "cross_set_cutmix",
         uncertainty_weighting: str = "kl",
         pseudo_loss: str = "ce",
+        head2_perturbation: str = "none",
+        head2_perturbation_options: dict[str, Any] | None = None,
         **base: Any,
     ) -> None:
-        if mixing not in MIXING:
-            raise ConfigError(f"method.mixing={mixing!r} must be one of {list(MIXING)}")
-        if uncertainty_weighting not in UNCERTAINTY:
-            raise ConfigError(
-                f"method.uncertainty_weighting={uncertainty_weighting!r} must be one of {list(UNCERTAINTY)}"
-            )
-        if pseudo_loss not in PSEUDO_LOSSES:
-            raise ConfigError(f"method.pseudo_loss={pseudo_loss!r} must be one of {list(PSEUDO_LOSSES)}")
+        check_choice("method.mixing", mixing, MIXING)
+        check_choice("method.uncertainty_weighting", uncertainty_weighting, UNCERTAINTY)
+        check_choice("method.pseudo_loss", pseudo_loss, PSEUDO_LOSSES)
         self.weight = weight
         self.rampup_steps = rampup_steps
         self.mixing = mixing
         self.uncertainty_weighting = uncertainty_weighting
         self.pseudo_loss = pseudo_loss
+        self.head2_perturbation_name = str(head2_perturbation)
+        self.head2_perturbation_options = dict(_plain(head2_perturbation_options) or {})
         super().__init__(**base)
 
     def configure_networks(self) -> None:
         self.net = self.build_network()  # encoder + head 1 (the inference network)
         self.head2 = self.net.make_decoder()
+        perturbation = make_perturbation(self.head2_perturbation_name, **self.head2_perturbation_options)
+        self.head2_features = PerturbedFeatures(perturbation)  # identity in eval mode and for "none"
 
     @property
     def inference_network(self) -> nn.Module:
         return self.net
 
     def both_heads(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of head 1 and head 2 ``(B, C, H, W)``; the encoder runs once."""
+        """Logits of head 1 and head 2 ``(B, C, H, W)``; the encoder runs once, head 2 reads its features
+        through ``head2_perturbation``."""
         features = self.net.encode(image)
-        return self.net.decode(features), self.net.decode(features, self.head2)
+        return self.net.decode(features), self.net.decode(self.head2_features(features), self.head2)
 
     def supervised_loss(self, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
         logits1, logits2 = self.both_heads(labeled["image"])

@@ -21,10 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.models.base import Features, SegmentationNetwork
 
 BASE_WIDTHS = (16, 32, 64, 128, 256)
+INITS = ("he_normal", "default")  # weight initialisation: the official code's He normal, or PyTorch's
 ACTIVATIONS = {"relu": nn.ReLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
@@ -132,10 +133,8 @@ class IMUNet(SegmentationNetwork):
         super().__init__()
         if width_multiplier <= 0:
             raise ConfigError(f"model.width_multiplier={width_multiplier} must be > 0")
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"model.activation={activation!r} is not one of {sorted(ACTIVATIONS)}")
-        if init not in ("he_normal", "default"):
-            raise ConfigError(f"model.init={init!r} must be 'he_normal' or 'default'")
+        check_choice("model.activation", activation, sorted(ACTIVATIONS))
+        check_choice("model.init", init, INITS)
         for key, rate in (("dropout_encoder", dropout_encoder), ("dropout_bottleneck", dropout_bottleneck),
                           ("dropout_decoder", dropout_decoder)):  # fmt: skip
             if not 0.0 <= rate < 1.0:

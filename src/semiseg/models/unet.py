@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.models.base import Features, SegmentationNetwork
 
 
@@ -72,15 +72,14 @@ class UpBlock(nn.Module):
         self, deep_channels: int, skip_channels: int, out_channels: int, dropout: float, upsampling: str
     ) -> None:
         super().__init__()
+        check_choice("model.upsampling", upsampling, UPSAMPLING_MODES)
         if upsampling == "bilinear":
             self.up = nn.Sequential(
                 nn.Conv2d(deep_channels, skip_channels, kernel_size=1),
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
             )
-        elif upsampling == "transposed":
+        else:  # transposed
             self.up = nn.ConvTranspose2d(deep_channels, skip_channels, kernel_size=2, stride=2)
-        else:
-            raise ConfigError(f"model.upsampling={upsampling!r} is not one of {list(UPSAMPLING_MODES)}")
         self.conv = ConvBlock(2 * skip_channels, out_channels, dropout)
 
     def forward(self, deep: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

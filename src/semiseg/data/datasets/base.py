@@ -68,7 +68,12 @@ class DefectDataset(abc.ABC):
         self.extra_unlabeled_samples: list[Sample] = []
         self.index()
         if not self.train_samples:
-            raise DataError(f"dataset '{self.name}' has no training images")
+            root = getattr(self, "root", None)
+            where = f" in {root}" if root is not None else ""
+            raise DataError(
+                f"dataset '{self.name}' has no training images{where}; check the folder (and its splits/train.txt) "
+                "or dataset.root"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -115,10 +120,37 @@ class DefectDataset(abc.ABC):
             )
 
 
+class DamagedImageError(DataError):
+    """An image file that decodes only in part (a truncated JPEG): OpenCV would fill the rest with grey."""
+
+
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"
+JPEG_TRAILER_BYTES = 4096  # some writers append metadata after the end-of-image marker; look this far back
+
+
+def jpeg_is_truncated(data: bytes) -> bool:
+    """Whether JPEG ``data`` (starting with the start-of-image marker) lacks its end-of-image marker."""
+    return data[:2] == JPEG_START and JPEG_END not in data[-JPEG_TRAILER_BYTES:]
+
+
 def read_image(path: Path, channels: int) -> np.ndarray:
-    """Read an image file as ``(H, W, channels)`` uint8 (RGB order for 3 channels)."""
+    """Read an image file as ``(H, W, channels)`` uint8 (RGB order for 3 channels).
+
+    Raises:
+        DataError: the file is missing or not an image.
+        DamagedImageError: a truncated JPEG (the decoder would silently fill the missing part with grey).
+    """
     flag = cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR
-    image = cv2.imread(str(path), flag)
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        data = b""
+    if jpeg_is_truncated(data):
+        raise DamagedImageError(
+            f"{path}: truncated JPEG (no end-of-image marker; the decoder would fill the rest with grey): "
+            "replace or remove the file, or skip such images with data.damaged_images=skip"
+        )
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag) if data else None
     if image is None:
         raise DataError(f"{path}: cannot read this image file (missing, empty or not an image)")
     if channels == 1:

@@ -14,7 +14,9 @@
 (the UAPS setting: Class1..6, 7 labels with background), or 1 with ``binary: true``. Mask pixels at or
 above ``mask_threshold`` are defect. ``defective_only: true`` (UAPS) keeps only the images with a defect;
 ``false`` adds the defect-free ones as all-background images. The official Train / Test folders are the
-train and test pools (the UAPS code instead carved a random 20% test split out of Train).
+train and test pools (the UAPS code instead carved a random 20% test split out of Train:
+``official_test: false`` leaves the Test folders out, so the DataModule carves ``dataset.test_fraction``
+of the Train folders, as ``experiment=uaps_dagm_official`` does).
 Everything needed for the split comes from ``Labels.txt``: no image or mask is decoded at start-up.
 """
 
@@ -70,6 +72,8 @@ class DAGM2007(DefectDataset):
         binary: one defect class for every texture instead of one per texture.
         defective_only: leave out defect-free images (UAPS).
         mask_threshold: mask values at or above this are defect.
+        official_test: the Test folders are the test pool (true); false: Train folders only, the test part
+            is carved from them (``dataset.test_fraction``; the UAPS DAGM code's 20 %).
         in_channels: 1 (grayscale) or 3.
         ignore_index: mask value of unlabeled pixels (unused by DAGM's masks).
     """
@@ -85,6 +89,7 @@ class DAGM2007(DefectDataset):
         in_channels: int = 1,
         ignore_index: int = 255,
         name: str = "dagm",
+        official_test: bool = True,
     ) -> None:
         self.classes = [int(k) for k in classes]
         if not self.classes or len(set(self.classes)) != len(self.classes) or min(self.classes) < 1:
@@ -100,6 +105,7 @@ class DAGM2007(DefectDataset):
         self.binary = binary
         self.defective_only = defective_only
         self.mask_threshold = mask_threshold
+        self.official_test = official_test
         super().__init__(name, class_names, in_channels, ignore_index)
 
     def label_of(self, texture_class: int) -> int:
@@ -108,7 +114,7 @@ class DAGM2007(DefectDataset):
 
     def index(self) -> None:
         require_root(self.name, self.root, LAYOUT, SOURCE)
-        pools: dict[str, list[Sample]] = {"Train": [], "Test": []}
+        pools: dict[str, list[Sample]] = {"Train": [], "Test": []} if self.official_test else {"Train": []}
         for texture_class in self.classes:
             for split, pool in pools.items():
                 folder = self.root / f"Class{texture_class}" / split
@@ -118,7 +124,7 @@ class DAGM2007(DefectDataset):
                     )
                 pool += self._index_folder(folder, texture_class, split)
         self.train_samples = pools["Train"]
-        self.test_samples = pools["Test"]
+        self.test_samples = pools["Test"] if self.official_test else None
 
     def _index_folder(self, folder: Path, texture_class: int, split: str) -> list[Sample]:
         labels_path = folder / LABELS_FILE

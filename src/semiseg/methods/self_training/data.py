@@ -3,8 +3,9 @@ generation's pseudo-labeled images, served by the suite's one DataModule as its 
 
 A pseudo-labeled item looks like a labeled one, ``{"image" (C, H, W), "mask" (H, W), "im" (H, W) bool,
 "id"}``: ``mask`` holds the pseudo-label, with the inconsistency-masked pixels set to ``ignore_index``
-(excluded from the loss, the paper) or to an extra class index (``im_handling: class``, the official
-code's encoding), and those pixels are blacked out in the input image after augmentation. Labeled items
+(excluded from the loss, the paper), to the background index (``im_handling: background``, the official
+code's encoding) or to an extra class index (``im_handling: class``), and those pixels are blacked out in the
+input image after augmentation. Labeled items
 carry an all-False ``im``.
 """
 
@@ -24,8 +25,8 @@ from torch.utils.data import Dataset
 from semiseg.data.datamodule import SemiSupervisedDataModule
 from semiseg.data.datasets.base import DefectDataset, Sample
 from semiseg.data.transforms import ViewMaker
-from semiseg.errors import ConfigError
-from semiseg.methods.self_training.pseudo_labels import PseudoLabels
+from semiseg.errors import ConfigError, check_choice
+from semiseg.methods.self_training.pseudo_label_store import PseudoLabels
 
 MASKED_INPUT_MODES = ("black", "zero")
 
@@ -41,8 +42,7 @@ class MaskedViewMaker(ViewMaker):
     """
 
     def __init__(self, *args: Any, masked_input: str = "black", **kwargs: Any) -> None:
-        if masked_input not in MASKED_INPUT_MODES:
-            raise ConfigError(f"method.masked_input={masked_input!r} must be one of {list(MASKED_INPUT_MODES)}")
+        check_choice("method.masked_input", masked_input, MASKED_INPUT_MODES)
         super().__init__(*args, **kwargs)
         self.masked_input = masked_input
 

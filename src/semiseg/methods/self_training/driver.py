@@ -18,7 +18,7 @@ Run directory::
     evalnet/model.pt evalnet/evalnet.json         # IM++ / AIM++ only
     generation_<g>/pseudo_labels.npz              # g > 0: ids, labels, masks, copies, scores
     generation_<g>/pseudo_labels.json             # coverage, IoU vs the hidden ground truth (diagnostic)
-    generation_<g>/student_<j>/{checkpoints/, csv/, model.pt, student.json}
+    generation_<g>/student_<j>/{checkpoints/, csv/, config.yaml, model.pt, student.json}
     generation_<g>/generation.json
 
 Resuming: run the same command with ``hydra.run.dir=<the run dir>``. Finished students (``student.json``)
@@ -43,12 +43,20 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from semiseg.data.datamodule import SplitDataset
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.io import atomic_write_json, atomic_write_text
 from semiseg.methods.self_training.data import SelfTrainingDataModule
 from semiseg.methods.self_training.evalnet import EvalNetSetting, filter_with_evalnet
-from semiseg.methods.self_training.masks import inconsistency_mask, input_ensemble_probs, model_ensemble
-from semiseg.methods.self_training.pseudo_labels import PseudoLabels, pseudo_label_quality
+from semiseg.methods.self_training.masks import (
+    ENSEMBLE_VOTES,
+    MORPH_ORDERS,
+    filter_bad_predictions,
+    inconsistency_mask,
+    input_ensemble_probs,
+    model_ensemble,
+    morph_mask,
+)
+from semiseg.methods.self_training.pseudo_label_store import PseudoLabels, pseudo_label_quality
 from semiseg.methods.self_training.student import Student
 from semiseg.results import CONFIG_FILE, RESULTS_FILE, SPLIT_FILE, checkpoint_step, number, relative_path, run_identity
 from semiseg.resume import last_checkpoint
@@ -71,6 +79,9 @@ LOOP_KEYS = (
     "masked_input",
     "noisy_student",
     "evalnet",
+    "filter_bad_predictions",
+    "ensemble_vote",
+    "morph_order",
 )
 NOISY_STUDENT_KEYS = ("width_multiplier", "dropout", "input_noise_std", "strong_augmentation_prob")
 # model keys that Noisy Student's dropout schedule sets (im_unet's; other models keep their dropout)
@@ -96,6 +107,9 @@ class LoopOptions:
     erode_kernel: int = 0
     labeled_copies: int = 0
     masked_input: str = "black"
+    filter_bad_predictions: bool = True
+    ensemble_vote: str = "mean"
+    morph_order: str = "erode_dilate"
     noisy_student: dict[str, list[float]] | None = None
     evalnet: dict[str, Any] | None = None
     fast_dev_run: bool = False
@@ -117,8 +131,7 @@ class LoopOptions:
                 raise ConfigError(f"method.{key}={value!r} must be a non-negative integer")
         if self.num_teachers < 1 or self.students_per_generation < 1:
             raise ConfigError("method.num_teachers and method.students_per_generation must be at least 1")
-        if self.pseudo_labeler not in PSEUDO_LABELERS:
-            raise ConfigError(f"method.pseudo_labeler={self.pseudo_labeler!r} must be one of {list(PSEUDO_LABELERS)}")
+        check_choice("method.pseudo_labeler", self.pseudo_labeler, PSEUDO_LABELERS)
         if self.pseudo_labeler == "inconsistency_mask" and self.num_teachers < 2:
             raise ConfigError(
                 f"method.num_teachers={self.num_teachers}: an Inconsistency Mask needs 2 to 4 teachers; "
@@ -129,6 +142,8 @@ class LoopOptions:
                 f"method.num_teachers={self.num_teachers} exceeds method.students_per_generation="
                 f"{self.students_per_generation}: the teachers are the best students of the previous generation"
             )
+        check_choice("method.morph_order", self.morph_order, MORPH_ORDERS)
+        check_choice("method.ensemble_vote", self.ensemble_vote, ENSEMBLE_VOTES)
         if not 0.0 < self.binary_threshold < 1.0:
             raise ConfigError(f"method.binary_threshold={self.binary_threshold} must lie in (0, 1)")
         for key, value in (self.noisy_student or {}).items():
@@ -138,10 +153,13 @@ class LoopOptions:
                 raise ConfigError(f"method.noisy_student.{key}={value!r} must be [first generation, last generation]")
 
     def schedule(self, generation: int) -> dict[str, float]:
-        """Noisy Student's values in ``generation``: linear from the first to the last generation."""
-        if not self.noisy_student:
+        """Noisy Student's values in ``generation``: none in generation 0 (the LDT teachers keep the model's own
+        width, so IM and IM+ start from the same teachers, as in the official code), then linear from the first
+        value in generation 1 to the last in the last generation (5 generations of [0.5, 1.5]: the official
+        widths 0.5, 0.75, 1, 1.25, 1.5; a single generation takes the last value)."""
+        if not self.noisy_student or generation == 0:
             return {}
-        share = generation / self.generations if self.generations else 0.0
+        share = (generation - 1) / (self.generations - 1) if self.generations > 1 else 1.0
         return {
             key: float(ends[0] + (ends[1] - ends[0]) * share)
             for key, ends in self.noisy_student.items()
@@ -152,6 +170,31 @@ class LoopOptions:
 def student_seed(seed: int, generation: int, index: int) -> int:
     """A distinct, reproducible seed for every student of every generation."""
     return int(np.random.SeedSequence([seed, generation, index]).generate_state(1)[0])
+
+
+def masked_label_value(cfg: DictConfig) -> int:
+    """The target of inconsistency-masked pixels: ``ignore_index`` (``im_handling: ignore``, the paper), the
+    background index (``background``, the official code's ``pred_mask[im > 0] = 0``) or the extra IM class
+    index (``class``)."""
+    handling = cfg.method.get("im_handling", "ignore")
+    if handling == "class":
+        return len(cfg.dataset.class_names)
+    if handling == "background":
+        return int(cfg.evaluation.background_index)
+    return int(cfg.dataset.ignore_index)
+
+
+def scheduled_dropout_keys(cfg: DictConfig) -> list[str]:
+    """The model keys Noisy Student's dropout schedule sets; refuses a model that has none of them (it would
+    silently train without the scheduled dropout)."""
+    keys = [key for key in DROPOUT_KEYS if key in cfg.model]
+    if not keys:
+        raise ConfigError(
+            f"method.noisy_student.dropout is set but model={cfg.model.name} has none of the dropout keys "
+            f"{list(DROPOUT_KEYS)} it schedules (model=unet has a per-level encoder_dropout instead); use "
+            "model=im_unet, or method.noisy_student.dropout=null (the official code uses no dropout)"
+        )
+    return keys
 
 
 def student_config(
@@ -178,9 +221,8 @@ def student_config(
                     f"model={cfg.model.name} has neither (use model=im_unet or model=unet)"
                 )
         if "dropout" in schedule:
-            for key in DROPOUT_KEYS:
-                if key in student.model:
-                    student.model[key] = schedule["dropout"]
+            for key in scheduled_dropout_keys(cfg):
+                student.model[key] = schedule["dropout"]
         if "input_noise_std" in schedule:
             student.method.input_noise_std = schedule["input_noise_std"]
     return student
@@ -195,6 +237,8 @@ class SelfTrainingRun:
         self.options = LoopOptions.from_config(
             OmegaConf.to_container(cfg.method, resolve=True), bool(cfg.trainer.get("fast_dev_run"))
         )
+        if self.options.schedule(self.options.generations).get("dropout") is not None:
+            scheduled_dropout_keys(cfg)  # refuse before any student trains
         self.student_class = get_class(cfg.method._target_)
         if not issubclass(self.student_class, Student):
             raise ConfigError(
@@ -317,19 +361,23 @@ class SelfTrainingRun:
             train=False,
         )
         ids: list[str] = []
-        labels, masks = [], []
+        labels, masks, kept = [], [], []
+        background = int(self.cfg.evaluation.background_index)
         for batch in loader:
             image = batch["image"].to(self.device)
             if options.pseudo_labeler == "input_ensemble":
                 probs = torch.stack([input_ensemble_probs(t.predict_logits, image) for t in teachers])
             else:
                 probs = torch.stack([t.predict_logits(image).softmax(dim=1) for t in teachers])
+            keep = torch.ones(image.shape[0], dtype=torch.bool)
             if options.pseudo_labeler == "inconsistency_mask":
-                label, mask = inconsistency_mask(
-                    probs, options.binary_threshold, options.dilate_kernel, options.erode_kernel
-                )
+                label, raw_mask = inconsistency_mask(probs, options.binary_threshold)
+                mask = morph_mask(raw_mask, options.dilate_kernel, options.erode_kernel, options.morph_order)
+                if options.filter_bad_predictions and probs.shape[2] == 2:  # binary, as the official code
+                    keep = filter_bad_predictions(label, raw_mask, background).cpu()
             else:
-                label, mask = model_ensemble(probs)
+                label, mask = model_ensemble(probs, options.ensemble_vote, options.binary_threshold)
+            kept.append(keep)
             ids += list(batch["id"])
             labels.append(label.to(torch.uint8).cpu())
             masks.append(mask.cpu())
@@ -338,7 +386,7 @@ class SelfTrainingRun:
             ids=ids,
             labels=torch.cat(labels).numpy(),
             masks=torch.cat(masks).numpy(),
-            copies=np.ones(count, dtype=np.int64),
+            copies=torch.cat(kept).long().numpy(),  # 0: dropped by the keep filter
             scores=np.full(count, np.nan, dtype=np.float32),
         )
 
@@ -402,9 +450,7 @@ class SelfTrainingRun:
                 self.datamodule.set_pseudo_labels(None)
             else:
                 pseudo, summary = self.pseudo_labels(generation, teachers)
-                im_value = int(self.cfg.dataset.ignore_index)
-                if self.cfg.method.get("im_handling", "ignore") == "class":
-                    im_value = len(self.cfg.dataset.class_names)
+                im_value = masked_label_value(self.cfg)
                 self.datamodule.set_pseudo_labels(pseudo, im_value, schedule.get("strong_augmentation_prob", 0.0))
                 log.info(
                     "generation %d pseudo-labels: coverage %.4f, kept %s/%s, IoU vs hidden ground truth %s",
@@ -487,6 +533,11 @@ def best_step(record: Mapping[str, Any]) -> int | None:
 
 def run_self_training(cfg: DictConfig) -> dict[str, Any]:
     """Entry point used by ``semiseg.train``: run every generation; return ``results.json``'s content."""
+    if cfg.data.get("crop_size") is not None or cfg.evaluation.get("sliding_window"):
+        raise ConfigError(
+            f"method={cfg.method.name} labels the unlabeled images at dataset.image_size between generations and "
+            "does not train on native-resolution crops: drop data.crop_size and evaluation.sliding_window"
+        )
     Path(cfg.paths.output_dir).mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
     return SelfTrainingRun(cfg).run()

@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from semiseg.errors import ConfigError
 from semiseg.io import atomic_write_json
-from semiseg.methods.self_training.pseudo_labels import PseudoLabels
+from semiseg.methods.self_training.pseudo_label_store import PseudoLabels
 
 log = logging.getLogger("semiseg.self_training")
 
+COPY_RULES = ("threshold", "official")
 EVALNET_DEFAULTS: dict[str, Any] = {
     "threshold": 0.75,
     "max_extra_copies": 0,
@@ -46,6 +47,11 @@ EVALNET_DEFAULTS: dict[str, Any] = {
     "lr": 1e-3,
     "samples_per_image": 20,
     "perturb_prob": 0.5,
+    "empty_iou": 0.0,
+    "copy_rule": "threshold",  # or official: never drop, 1-5 copies by score between min and max threshold
+    "min_threshold": 0.72,  # official rule (ISIC 2018's config.ini values; HeLa 0.59-0.62, SUIM 0.43-0.51)
+    "max_threshold": 0.75,
+    "max_copies": 5,  # IoU of two masks without any defect pixel: 0 as the official get_IoU_binary; 1 = "perfect"
 }
 
 
@@ -92,8 +98,12 @@ class EvalNet(nn.Module):
         return torch.sigmoid(self.head(self.trunk(joined).mean(dim=(2, 3)))).squeeze(1)
 
 
-def label_iou(prediction: np.ndarray, truth: np.ndarray, num_classes: int, ignore_index: int) -> float:
-    """Mean IoU over the defect classes (1..K-1) present in either map, on pixels known in both; 1 if none."""
+def label_iou(
+    prediction: np.ndarray, truth: np.ndarray, num_classes: int, ignore_index: int, empty_iou: float = 0.0
+) -> float:
+    """Mean IoU over the defect classes (1..K-1) present in either map, on pixels known in both; ``empty_iou``
+    if none is (the official ``get_IoU_binary`` gives 0 = 0 / (0 + 1e-7) for two empty masks; 1 would make an
+    empty pseudo-label look perfect, which favours empty pseudo-labels on defect data)."""
     known = (prediction != ignore_index) & (truth != ignore_index)
     scores = []
     for label in range(1, num_classes):
@@ -101,7 +111,7 @@ def label_iou(prediction: np.ndarray, truth: np.ndarray, num_classes: int, ignor
         union = np.logical_or(pred, true).sum()
         if union:
             scores.append(np.logical_and(pred, true).sum() / union)
-    return float(np.mean(scores)) if scores else 1.0
+    return float(np.mean(scores)) if scores else float(empty_iou)
 
 
 def perturb_mask(
@@ -148,9 +158,16 @@ class PerturbedMasks(Dataset):
     ``{"image", "labels" (K, H, W), "iou" ()}``."""
 
     def __init__(
-        self, labeled: Dataset, num_classes: int, ignore_index: int, samples_per_image: int, prob: float
+        self,
+        labeled: Dataset,
+        num_classes: int,
+        ignore_index: int,
+        samples_per_image: int,
+        prob: float,
+        empty_iou: float = 0.0,
     ) -> None:
         self.labeled = labeled
+        self.empty_iou = empty_iou
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.samples_per_image = samples_per_image
@@ -165,7 +182,7 @@ class PerturbedMasks(Dataset):
         rng = np.random.default_rng([int(torch.initial_seed()) % 2**32, index, int(torch.randint(2**31, ()))])
         noisy = perturb_mask(truth, rng, self.num_classes, self.ignore_index, self.prob)
         labels = one_hot_labels(torch.from_numpy(noisy)[None], None, self.num_classes)[0]
-        iou = label_iou(noisy, truth, self.num_classes, self.ignore_index)
+        iou = label_iou(noisy, truth, self.num_classes, self.ignore_index, self.empty_iou)
         return {"image": item["image"], "labels": labels, "iou": torch.tensor(iou, dtype=torch.float32)}
 
 
@@ -196,6 +213,13 @@ def evalnet_options(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"method.evalnet.threshold={options['threshold']} must lie in [0, 1)")
     if int(options["max_extra_copies"]) < 0:
         raise ConfigError(f"method.evalnet.max_extra_copies={options['max_extra_copies']} must be >= 0")
+    if options["copy_rule"] not in COPY_RULES:
+        raise ConfigError(f"method.evalnet.copy_rule={options['copy_rule']!r} must be one of {list(COPY_RULES)}")
+    if not float(options["min_threshold"]) < float(options["max_threshold"]):
+        raise ConfigError(
+            f"method.evalnet.min_threshold={options['min_threshold']} must be below max_threshold="
+            f"{options['max_threshold']}"
+        )
     return options
 
 
@@ -206,6 +230,17 @@ def copies_from_scores(scores: np.ndarray, threshold: float, max_extra_copies: i
     keep = scores > threshold
     extra = np.rint(np.clip((scores - threshold) / (1.0 - threshold), 0.0, 1.0) * max_extra_copies)
     return np.where(keep, 1 + extra, 0).astype(np.int64)
+
+
+def official_copies(scores: np.ndarray, min_threshold: float, max_threshold: float, max_copies: int = 5) -> np.ndarray:
+    """The official EvalNet copy rule (``create_augment_images_and_masks_with_evalnet_ensemble_binary``): no
+    image is dropped; ``max_copies`` above ``max_threshold``, ``1 + int((s - min) / step)`` between the two
+    thresholds (``step = (max - min) / max_copies``, capped at ``max_copies``), 1 below ``min_threshold``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    step = (max_threshold - min_threshold) / max_copies
+    between = 1 + np.floor((scores - min_threshold) / step)
+    copies = np.where(scores > max_threshold, max_copies, np.where(scores > min_threshold, between, 1))
+    return np.minimum(copies, max_copies).astype(np.int64)
 
 
 @torch.no_grad()
@@ -259,6 +294,7 @@ def train_evalnet(setting: EvalNetSetting, options: Mapping[str, Any]) -> EvalNe
         setting.ignore_index,
         int(options["samples_per_image"]),
         float(options["perturb_prob"]),
+        float(options["empty_iou"]),
     )
     batch_size = int(options["batch_size"])
     loader = datamodule._loader(data, batch_size, train=True)
@@ -294,7 +330,13 @@ def filter_with_evalnet(setting: EvalNetSetting, config: Mapping[str, Any], pseu
     )
     batches = ((list(batch["id"]), batch["image"]) for batch in loader)
     pseudo.scores = score_pseudo_labels(evalnet, batches, pseudo, setting.num_classes, setting.device)
-    pseudo.copies = copies_from_scores(pseudo.scores, float(options["threshold"]), int(options["max_extra_copies"]))
+    if options["copy_rule"] == "official":
+        copies = official_copies(
+            pseudo.scores, float(options["min_threshold"]), float(options["max_threshold"]), int(options["max_copies"])
+        )
+    else:
+        copies = copies_from_scores(pseudo.scores, float(options["threshold"]), int(options["max_extra_copies"]))
+    pseudo.copies = np.where(pseudo.copies > 0, copies, 0)  # images the keep filter dropped stay dropped
     kept = int((pseudo.copies > 0).sum())
     log.info("EvalNet kept %d of %d pseudo-labels (threshold %s)", kept, len(pseudo), options["threshold"])
     return {

@@ -5,8 +5,13 @@ Every function works on a batch of teacher outputs; nothing here trains.
 * **Inconsistency Mask** (Vorndran et al., arXiv 2401.14387). Binary task: each of the ``n`` teachers'
   foreground probability is thresholded (0.5); pixels where all ``n`` agree take that label, pixels where
   ``0 < sum < n`` form the mask. Multiclass: the argmax of each teacher; the mask is where not all argmaxes
-  agree. The mask may then be dilated and/or eroded (square kernels; 0 = off, the default).
-* **Model ensemble**: the argmax of the teachers' mean softmax; nothing is masked.
+  agree. The mask may then be eroded and/or dilated (square kernels; 0 = off, the default; erosion first as
+  in the official code, ``morph_order``).
+* **Keep filter** (the official binary code's ``filter_bad_predictions``): an image is kept only if the area
+  all teachers call foreground is non-zero and larger than the inconsistency area, both counted before any
+  dilation/erosion of the mask.
+* **Model ensemble**: the argmax of the teachers' mean softmax (binary: optionally the official unanimous vote);
+  nothing is masked.
 * **Input ensemble** (test-time augmentation): the argmax of one teacher's mean softmax over the eight
   flips/rotations of the image, each mapped back; nothing is masked.
 """
@@ -55,9 +60,19 @@ def multiclass_inconsistency_mask(teacher_labels: torch.Tensor) -> tuple[torch.T
     return teacher_labels[0].clone(), ~agree
 
 
-def morph_mask(mask: torch.Tensor, dilate_kernel: int = 0, erode_kernel: int = 0) -> torch.Tensor:
-    """Dilate, then erode, a boolean ``(B, H, W)`` mask with square kernels (size 0 or 1: no change)."""
-    for size, dilate in ((dilate_kernel, True), (erode_kernel, False)):
+MORPH_ORDERS = ("erode_dilate", "dilate_erode")
+
+
+def morph_mask(
+    mask: torch.Tensor, dilate_kernel: int = 0, erode_kernel: int = 0, order: str = "erode_dilate"
+) -> torch.Tensor:
+    """Erode, then dilate (``erode_dilate``, the official order: an opening that removes specks) or dilate, then
+    erode (``dilate_erode``: a closing), a boolean ``(B, H, W)`` mask with square kernels (size 0 or 1: no
+    change)."""
+    if order not in MORPH_ORDERS:
+        raise ConfigError(f"method.morph_order={order!r} must be one of {list(MORPH_ORDERS)}")
+    steps = ((erode_kernel, False), (dilate_kernel, True))
+    for size, dilate in steps if order == "erode_dilate" else steps[::-1]:
         if size < 0:
             raise ConfigError(f"method.{'dilate' if dilate else 'erode'}_kernel={size} must be >= 0")
         if size <= 1:
@@ -102,9 +117,38 @@ def inconsistency_mask(
     return labels, morph_mask(mask, dilate_kernel, erode_kernel)
 
 
-def model_ensemble(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``probs (n, B, C, H, W)`` -> argmax of the mean softmax ``(B, H, W)`` and an all-False mask."""
-    labels = probs.mean(dim=0).argmax(dim=1)
+def filter_bad_predictions(labels: torch.Tensor, mask: torch.Tensor, background_index: int = 0) -> torch.Tensor:
+    """Which images the official binary IM code keeps: ``(B,)`` bool, true where the agreed foreground area is
+    non-zero and larger than the inconsistency area (``predsize > im_size and predsize > 0``).
+
+    Args:
+        labels: ``(B, H, W)`` pseudo-labels (1 where all teachers voted foreground).
+        mask: ``(B, H, W)`` bool inconsistency mask, before dilation/erosion.
+        background_index: the label that is not foreground.
+    """
+    foreground = ((labels != background_index) & ~mask).flatten(1).sum(dim=1)
+    inconsistent = mask.flatten(1).sum(dim=1)
+    return (foreground > 0) & (foreground > inconsistent)
+
+
+ENSEMBLE_VOTES = ("mean", "unanimous")
+
+
+def model_ensemble(
+    probs: torch.Tensor, vote: str = "mean", threshold: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs (n, B, C, H, W)`` -> labels ``(B, H, W)`` and an all-False mask.
+
+    ``vote: mean``: argmax of the mean softmax. ``unanimous`` (binary tasks, the official
+    ``get_model_ensemble_prediction_ISIC_2018``): foreground only where every teacher's foreground probability
+    is above ``threshold``; multiclass tasks keep the mean.
+    """
+    if vote not in ENSEMBLE_VOTES:
+        raise ConfigError(f"method.ensemble_vote={vote!r} must be one of {list(ENSEMBLE_VOTES)}")
+    if vote == "unanimous" and probs.shape[2] == 2:
+        labels, _ = binary_inconsistency_mask(probs[:, :, 1], threshold)
+    else:
+        labels = probs.mean(dim=0).argmax(dim=1)
     return labels, torch.zeros_like(labels, dtype=torch.bool)
 
 

@@ -4,9 +4,9 @@ A student is the suite's supervised module trained on the generation's training 
 plus pseudo-labels, all in the ``labeled`` stream): the Inconsistency-Mask pixels reach it already blacked
 out in the input and marked in the target, so the only new things here are
 
-* ``im_handling: class`` (the official code's encoding): the network gets one extra output channel, the
-  "IM" class, which masked pixels are trained towards; at validation, test and pseudo-labelling only the
-  real classes are used;
+* ``im_handling: background`` (the official code's encoding: ``pred_mask[im > 0] = 0``): masked pixels are
+  labelled background; ``class``: the network gets one extra output channel, the "IM" class, which masked
+  pixels are trained towards (at validation, test and pseudo-labelling only the real classes are used);
 * ``input_noise_std``: Gaussian noise added to training inputs (Noisy Student's input noise);
 * :class:`ConsistencyStudent`: the Consistency Loss baseline, an MSE between the softmax predictions on two
   augmented views (weak and strong, same geometry) of every unlabeled image.
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.methods.base import Batch, LossTerms, SemiSupervisedModule
 from semiseg.models.base import SegmentationNetwork
 
-IM_HANDLING = ("ignore", "class")
+IM_HANDLING = ("ignore", "background", "class")
 
 
 class Student(SemiSupervisedModule):
@@ -32,7 +32,8 @@ class Student(SemiSupervisedModule):
 
     Args:
         im_handling: ``ignore`` (masked pixels carry ``ignore_index`` and add nothing to the loss, the
-            paper) or ``class`` (they are an extra trained class, the official code's encoding).
+            paper), ``background`` (they are labelled background, the official code) or ``class`` (an extra
+            trained class).
         input_noise_std: standard deviation of Gaussian noise added to training inputs (0: none).
         **base: the arguments of :class:`SemiSupervisedModule`.
     """
@@ -40,8 +41,7 @@ class Student(SemiSupervisedModule):
     uses_unlabeled: ClassVar[bool] = False  # pseudo-labeled images come in the labeled stream
 
     def __init__(self, im_handling: str = "ignore", input_noise_std: float = 0.0, **base: Any) -> None:
-        if im_handling not in IM_HANDLING:
-            raise ConfigError(f"method.im_handling={im_handling!r} must be one of {list(IM_HANDLING)}")
+        check_choice("method.im_handling", im_handling, IM_HANDLING)
         if input_noise_std < 0:
             raise ConfigError(f"method.input_noise_std={input_noise_std} must be >= 0")
         self.im_handling = im_handling

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -129,3 +130,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         needed = int(marker.kwargs.get("min_gpus", 1))
         if torch.cuda.device_count() < needed:
             pytest.skip(f"needs {needed} CUDA GPU(s), found {torch.cuda.device_count()}")
+
+
+@pytest.fixture(autouse=True)
+def restore_root_log_handlers() -> Iterator[None]:
+    """An entry point that configures logging (``logging.basicConfig`` in ``semiseg.report``) binds the root
+    handler to the stream pytest captured for that test; drop it afterwards so later tests do not write to a
+    closed stream."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)

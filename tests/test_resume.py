@@ -60,8 +60,14 @@ def logged_rows(run_dir: Path) -> list[dict[str, str]]:
         return [{key: value for key, value in row.items() if key != "epoch"} for row in csv.DictReader(file)]
 
 
+def settings_with(*overrides: str) -> list[str]:
+    """SETTINGS with some of its keys given other values (Hydra refuses a key overridden twice)."""
+    keys = {override.split("=", 1)[0] for override in overrides}
+    return [*(s for s in SETTINGS if s.split("=", 1)[0] not in keys), *overrides]
+
+
 def run(run_dir: Path, *overrides: str) -> dict:
-    return train(compose_config([*SETTINGS, *overrides], run_dir))
+    return train(compose_config(settings_with(*overrides), run_dir))
 
 
 @pytest.fixture(scope="module")
@@ -120,15 +126,15 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(
 
 
 def test_resume_skips_a_complete_run(tmp_path: Path) -> None:
-    first = run(tmp_path, "trainer.max_steps=2")
+    first = run(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2")
     stamp = (tmp_path / "results.json").stat().st_mtime_ns
-    again = run(tmp_path, "trainer.max_steps=2", "resume=true")
+    again = run(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "resume=true")
     assert again == first and (tmp_path / "results.json").stat().st_mtime_ns == stamp
 
 
 def test_resume_continues_when_the_budget_grew(tmp_path: Path) -> None:
-    run(tmp_path, "trainer.max_steps=2")
-    cfg = compose_config([*SETTINGS, "trainer.max_steps=4", "resume=true"], tmp_path)
+    run(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2")
+    cfg = compose_config(settings_with("trainer.max_steps=4", "trainer.val_check_interval=2", "resume=true"), tmp_path)
     assert complete_results(tmp_path / "results.json", cfg) is None
     assert train(cfg)["steps"] == 4
     rows = logged_rows(tmp_path)  # the first two steps' metrics and test result are still in metrics.csv
@@ -136,8 +142,28 @@ def test_resume_continues_when_the_budget_grew(tmp_path: Path) -> None:
     assert [int(row["step"]) for row in rows if row["test/mIoU"]] == [2, 4]
 
 
+@pytest.mark.parametrize("first_budget", [2, 3])  # the last step validated (2) or not (3)
+def test_grown_budget_logs_like_an_uninterrupted_run(tmp_path: Path, first_budget: int) -> None:
+    """Continuing a finished run logs every training loss at the step and epoch an uninterrupted run logs it
+    (with the default checkpoint interval: last.ckpt written at the end of the budget, after its validation)."""
+    grown = (
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "callbacks.resume_checkpoint.every_n_train_steps=100",
+    )
+    run(tmp_path / "whole", *grown)
+    run(tmp_path / "resumed", *grown, f"trainer.max_steps={first_budget}")
+    run(tmp_path / "resumed", *grown, "resume=true")
+
+    def losses(run_dir: Path) -> list[tuple[str, str, str]]:
+        with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+            return [(row["step"], row["epoch"], row["train/loss"]) for row in csv.DictReader(file) if row["train/loss"]]
+
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "whole")
+
+
 def test_resume_without_checkpoint_trains_from_scratch(tmp_path: Path) -> None:
-    assert run(tmp_path, "trainer.max_steps=2", "resume=true")["steps"] == 2
+    assert run(tmp_path, "trainer.max_steps=2", "trainer.val_check_interval=2", "resume=true")["steps"] == 2
 
 
 # ---- resume at every step ---------------------------------------------------------------------------------

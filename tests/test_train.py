@@ -106,7 +106,7 @@ def test_split_file_is_reused(make_cfg, tmp_path: Path) -> None:
     train(first)
     split_path = Path(first.paths.output_dir) / "split.json"
     second = compose_config(
-        ["trainer.fast_dev_run=true", "labeled_ratio=0.5", f"split_file={split_path}"], tmp_path / "again"
+        ["trainer.fast_dev_run=true", "split_seed=7", f"split_file={split_path}"], tmp_path / "again"
     )
     train(second)
     assert (Path(second.paths.output_dir) / "split.json").read_text() == split_path.read_text()

@@ -201,7 +201,10 @@ class ResumeCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.interrupted:
             return
-        if self._deferred or self.received_signal is not None:
+        # the validation of the budget's last step saves here too, not at train end: Lightning restores a
+        # checkpoint written after that validation at train end one logging step and one epoch late
+        at_budget_end = 0 < trainer.max_steps <= trainer.global_step
+        if self._deferred or self.received_signal is not None or at_budget_end:
             self._deferred = False
             self._save_and_maybe_stop(trainer)
 
@@ -209,7 +212,8 @@ class ResumeCheckpoint(ModelCheckpoint):
         return  # never on epoch ends: the step schedule decides
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.interrupted and not trainer.fast_dev_run and trainer.global_step > 0:
+        saved_now = getattr(self, "_saved_step", None) == trainer.global_step  # at this step's validation end
+        if not self.interrupted and not trainer.fast_dev_run and trainer.global_step > 0 and not saved_now:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._restore_signal_handlers()
 
@@ -221,6 +225,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         ended = bool(getattr(epoch_loop.batch_progress, "is_last_batch", False))
         with loaders_at_epoch_end(combined.flattened if combined is not None else [], ended):
             super()._save_last_checkpoint(trainer, monitor_candidates)
+        self._saved_step = trainer.global_step
 
     # -- RNG states and the training time so far in every checkpoint
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

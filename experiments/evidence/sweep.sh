@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The evidence sweep, one run at a time, seeds interleaved so that pairs (method, supervised) finish early.
+# Resumable: a finished run is skipped, an interrupted one continues from its checkpoints/last.ckpt.
+# After each finished run its small result files (results.json, per_image.csv, csv/metrics.csv,
+# .hydra/overrides.yaml; no checkpoints) are copied into experiments/evidence/runs/, so the report and the
+# curves can be rebuilt from the repository alone:
+#   python -m semiseg.report experiments/evidence/runs --out /tmp/evidence_report
+#
+# usage: SEMISEG_DATA_DIR=/path/holding/NEU_data experiments/evidence/sweep.sh [RUNS_DIR]
+#   METHODS_A="supervised uaps" SEEDS_A="0 1 2 3 4" METHODS_B="mean_teacher cps fixmatch unimatch" SEEDS_B="0 1 2"
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+: "${SEMISEG_DATA_DIR:?set SEMISEG_DATA_DIR to the folder that holds NEU_data}"
+RUNS_DIR="${1:-${EVIDENCE_RUNS_DIR:-$HOME/semiseg_runs/evidence}}"
+PYTHON="${PYTHON:-.venv/bin/python}"
+KEEP=experiments/evidence/runs
+METHODS_A="${METHODS_A:-supervised uaps}"
+SEEDS_A="${SEEDS_A:-0 1 2 3 4}"
+METHODS_B="${METHODS_B:-mean_teacher cps fixmatch unimatch}"
+SEEDS_B="${SEEDS_B:-0 1 2}"
+
+run_one() {  # method seed
+  local name="$1_s$2" dir="$RUNS_DIR/$1_s$2"
+  if [ -f "$KEEP/$name/results.json" ]; then echo "kept already: $name"; return; fi
+  echo "$(date -u +%FT%TZ) start $name"
+  "$PYTHON" -m semiseg.train experiment=evidence_neu_cpu "method=$1" "seed=$2" data.num_workers=0 \
+    logger=csv resume=true "hydra.run.dir=$dir"
+  mkdir -p "$KEEP/$name/.hydra" "$KEEP/$name/csv"
+  cp "$dir/results.json" "$dir/per_image.csv" "$KEEP/$name/"
+  cp "$dir/.hydra/overrides.yaml" "$KEEP/$name/.hydra/"
+  cp "$dir/csv/metrics.csv" "$KEEP/$name/csv/"
+  echo "$(date -u +%FT%TZ) done $name"
+}
+
+for seed in $SEEDS_A; do for method in $METHODS_A; do run_one "$method" "$seed"; done; done
+for seed in $SEEDS_B; do for method in $METHODS_B; do run_one "$method" "$seed"; done; done

@@ -15,8 +15,9 @@ from PIL import Image
 from data.make_fake_datasets import make_fake_folder
 from semiseg.config import compose_config
 from semiseg.data.datasets.folder import ImageFolder
+from semiseg.data.datasets.synthetic import SyntheticDefects
+from semiseg.data.inspect import format_summary, pick_examples, summarize
 from semiseg.data.inspect import inspect as run_inspect
-from semiseg.data.inspect import pick_examples, summarize
 from semiseg.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def inspect_config(*overrides: str):
     return compose_config(overrides, config_name="inspect")
+
+
+def test_sizes_of_the_synthetic_set() -> None:
+    """Generated images have no file header: their size is the size they are drawn at (was "0 distinct")."""
+    dataset = SyntheticDefects(num_images=12, image_size=(24, 40))
+    summary = summarize(dataset, max_images=2)
+    assert summary["image_sizes"]["most_common"] == [{"width": 40, "height": 24, "images": 12}]
+    assert "image sizes: 1 distinct, width 40-40, height 24-24" in format_summary(summary)
 
 
 def test_summary_counts_and_pixel_shares(tmp_path: Path) -> None:

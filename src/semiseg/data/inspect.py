@@ -57,6 +57,18 @@ def spread(samples: Sequence[Sample], limit: int | None) -> list[Sample]:
     return [samples[i] for i in positions]
 
 
+def stored_size(dataset: DefectDataset, sample: Sample) -> tuple[int, int]:
+    """``(width, height)`` of a sample as stored: read from the file header, the size a generated dataset draws
+    at (``generated_size``), or else the loaded image's."""
+    if isinstance(sample.image, (str, Path)):
+        return image_size(Path(sample.image))
+    generated = getattr(dataset, "generated_size", None)
+    if generated is not None:
+        return tuple(generated)
+    height, width = dataset.load(sample)[0].shape[:2]
+    return width, height
+
+
 def summarize(dataset: DefectDataset, max_images: int | None = None) -> dict[str, Any]:
     """Counts, class statistics, sizes and channel statistics of ``dataset`` (see the module docstring)."""
     pools = pools_of(dataset)
@@ -76,7 +88,7 @@ def summarize(dataset: DefectDataset, max_images: int | None = None) -> dict[str
         counts = np.bincount(mask[mask != dataset.ignore_index].ravel(), minlength=dataset.num_classes)
         pixels += counts[: dataset.num_classes]
         images_with += counts[: dataset.num_classes] > 0
-    sizes = Counter(image_size(Path(s.image)) for pool in pools.values() for s in pool if isinstance(s.image, Path))
+    sizes = Counter(stored_size(dataset, s) for pool in pools.values() for s in pool)
     mean = channel_sum / max(channel_count, 1)
     std = np.sqrt(np.maximum(channel_sq / max(channel_count, 1) - mean**2, 0.0))
     total_pixels = max(int(pixels.sum()), 1)

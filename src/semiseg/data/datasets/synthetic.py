@@ -83,6 +83,11 @@ class SyntheticDefects(DefectDataset):
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         super().__init__(name, class_names, in_channels, ignore_index)
 
+    @property
+    def generated_size(self) -> tuple[int, int]:
+        """``(width, height)`` every image is drawn at (before any resize of the pipeline)."""
+        return self.width, self.height
+
     def index(self) -> None:
         self.train_samples = [
             Sample(id=f"synthetic_{i:05d}", image=i, mask=i, classes=frozenset(self.plan(i)))

@@ -41,6 +41,8 @@ def test_reproduces_the_runs_test_metrics(trained_run: Path, tmp_path: Path) -> 
     for key in ("test/mIoU", "test/mDice", "test/pixel_acc"):
         assert evaluation["metrics"][key] == pytest.approx(results["metrics"][key], abs=1e-6)
     assert json.loads((tmp_path / "evaluation.json").read_text())["metrics"] == evaluation["metrics"]
+    # per_image.csv as the run wrote it: same images, same per-image scores
+    assert (tmp_path / "per_image.csv").read_text() == (trained_run / "per_image.csv").read_text()
 
 
 @pytest.mark.parametrize(("split", "part"), [("val", "val"), ("labeled", "labeled"), ("unlabeled", "unlabeled")])

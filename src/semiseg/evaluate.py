@@ -29,12 +29,13 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from semiseg import predict
+from semiseg.callbacks import PerImageCSV
 from semiseg.checkpoints import read_checkpoint
 from semiseg.config import CONFIG_DIR
 from semiseg.data.datamodule import SemiSupervisedDataModule
 from semiseg.errors import ConfigError, check_choice, exit_on_user_error, run_hydra_app
 from semiseg.io import atomic_write_json
-from semiseg.results import CONFIG_FILE, SPLIT_FILE, number
+from semiseg.results import CONFIG_FILE, PER_IMAGE_FILE, SPLIT_FILE, number
 
 log = logging.getLogger("semiseg.evaluate")
 
@@ -100,15 +101,23 @@ def build_datamodule(
     )
 
 
-def evaluate_split(cfg: DictConfig, module: Any, datamodule: SemiSupervisedDataModule) -> dict[str, Any]:
-    """Test metrics of ``module`` on one part of the split."""
+def evaluate_split(
+    cfg: DictConfig, module: Any, datamodule: SemiSupervisedDataModule, output_dir: Path
+) -> dict[str, Any]:
+    """Test metrics of ``module`` on one part of the split; ``per_image.csv`` in ``output_dir`` as a run writes."""
     parts = ["labeled", "unlabeled", "val", "test"] if cfg.split == "all" else [cfg.split]
     datasets = [datamodule.part_dataset(part, views=datamodule.eval_views, with_masks=True) for part in parts]
     dataset = torch.utils.data.ConcatDataset(datasets)
     if len(dataset) == 0:
         raise ConfigError(f"split={cfg.split} holds no image for this dataset and split")
     loader = datamodule._loader(dataset, datamodule.batch_size_eval, train=False)
-    trainer = L.Trainer(accelerator=cfg.accelerator, devices=1, logger=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator=cfg.accelerator,
+        devices=1,
+        logger=False,
+        enable_model_summary=False,
+        callbacks=[PerImageCSV(str(output_dir / PER_IMAGE_FILE))],
+    )
     metrics = trainer.test(module, dataloaders=loader, verbose=cfg.verbose)[0]
     return {
         "split": cfg.split,
@@ -161,7 +170,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         datamodule = build_datamodule(cfg, run_cfg, run_dir, native=module.sliding_window is not None)
         result["dataset"] = datamodule.dataset.name
-        result.update(evaluate_split(cfg, module, datamodule))
+        result.update(evaluate_split(cfg, module, datamodule, output_dir))
     atomic_write_json(output_dir / EVALUATION_FILE, result)
     log.info("%s", json.dumps(result.get("metrics", result), indent=1)[:2000])
     return result

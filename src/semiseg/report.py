@@ -44,7 +44,7 @@ from typing import Any
 import yaml
 
 from semiseg.errors import SemiSegError, exit_on_user_error
-from semiseg.results import CONFIG_FILE, RESULTS_FILE
+from semiseg.results import CONFIG_FILE, PER_IMAGE_FILE, RESULTS_FILE
 
 log = logging.getLogger("semiseg.report")
 
@@ -498,7 +498,6 @@ PAIRED_COLUMNS = (
     "boot_delta", "boot_ci_low", "boot_ci_high",
 )  # fmt: skip
 BASELINE = "supervised"
-PER_IMAGE_FILE = "per_image.csv"
 PER_IMAGE_METRIC = "mIoU_image"
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 10_000

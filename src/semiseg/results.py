@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 RESULTS_FILE = "results.json"
 SPLIT_FILE = "split.json"
 CONFIG_FILE = "config.yaml"
+PER_IMAGE_FILE = "per_image.csv"  # one row per test image (semiseg.callbacks.PerImageCSV)
 
 
 def run_identity(cfg: DictConfig) -> dict[str, Any]:

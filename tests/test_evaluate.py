@@ -13,6 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import semiseg.evaluate as evaluate_app
+from semiseg.callbacks import PALETTE
 from semiseg.config import compose_config
 from semiseg.train import train
 
@@ -66,7 +67,15 @@ def test_predicts_a_folder_at_each_images_size(trained_run: Path, tmp_path: Path
     for stem, size in sizes.items():
         mask = cv2.imread(str(tmp_path / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
         assert mask.shape == size and mask.max() < 5
-        assert (tmp_path / "overlays" / f"{stem}.png").is_file()
+        # the overlay: the image as it is (no contrast stretch) where nothing is predicted, a legend bar below
+        picture = cv2.cvtColor(cv2.imread(str(tmp_path / "overlays" / f"{stem}.png")), cv2.COLOR_BGR2RGB)
+        original = cv2.cvtColor(cv2.imread(str(images / f"{stem}.png")), cv2.COLOR_BGR2RGB)
+        assert picture.shape[1] == size[1] and picture.shape[0] > size[0]
+        background = mask == 0
+        assert np.array_equal(picture[: size[0]][background], original[background])
+        legend_bar = picture[size[0] :].reshape(-1, 3)
+        for index in range(1, 5):  # every defect class's colour is in the legend
+            assert (legend_bar == PALETTE[index]).all(axis=1).any(), index
     assert sum(evaluation["predicted_pixel_share"].values()) == pytest.approx(1.0)
 
 
@@ -140,3 +149,26 @@ def test_a_checkpoint_path_with_equals_signs_needs_no_quotes(trained_run: Path, 
     GlobalHydra.instance().clear()
     result = json.loads((out / "evaluation.json").read_text())
     assert result["ckpt"] == str(job / "checkpoints" / "last.ckpt") and result["metrics"]["test/mIoU"] is not None
+
+
+def test_training_prediction_grids_are_readable(make_cfg) -> None:
+    """predictions/step_*.png: panels enlarged to min_side, titled image / ground truth / prediction, with the
+    class legend (was 128 x 192 px, two untitled panels)."""
+    cfg = make_cfg(
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.prediction_overlays.every_n_validations=1",
+        "callbacks.prediction_overlays.num_images=2",
+        "callbacks.prediction_overlays.min_side=96",
+    )
+    train(cfg)
+    grids = sorted((Path(cfg.paths.output_dir) / "predictions").glob("step_*.png"))
+    assert grids, "no prediction grid written"
+    grid = cv2.cvtColor(cv2.imread(str(grids[-1])), cv2.COLOR_BGR2RGB)
+    side = 32 * 3  # the tiny test images are 32 x 32: enlarged by 3 to reach 96
+    assert cfg.dataset.image_size == [32, 32]
+    assert grid.shape[1] == 3 * side and grid.shape[0] > 2 * side  # three columns, two rows, title and legend
+    title_height = 24
+    assert (grid[:title_height] == 255).any(), "the column titles are drawn in white"
+    legend_rows = grid[title_height + 2 * side :].reshape(-1, 3)  # one or more legend bars
+    assert all((legend_rows == PALETTE[i]).all(axis=1).any() for i in range(1, len(cfg.dataset.class_names)))

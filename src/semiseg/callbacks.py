@@ -35,17 +35,83 @@ def colorize(mask: np.ndarray) -> np.ndarray:
     return colors
 
 
-def overlay(image: torch.Tensor, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Normalised image ``(C, H, W)`` and mask ``(H, W)`` -> RGB overlay ``(H, W, 3)`` uint8."""
-    picture = image.detach().float().cpu()
-    picture = (picture - picture.min()) / (picture.max() - picture.min()).clamp_min(1e-8)
-    picture = (picture.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+def display_image(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    """An image as RGB ``(H, W, 3)`` uint8 for display: a uint8 ``(H, W, C)`` array (an image as read from its
+    file) is shown as it is; a normalised tensor ``(C, H, W)`` (a batch's image) is min-max scaled to 0-255."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        picture = image if image.ndim == 3 else image[:, :, None]
+    else:
+        tensor = torch.as_tensor(image).detach().float().cpu()
+        tensor = (tensor - tensor.min()) / (tensor.max() - tensor.min()).clamp_min(1e-8)
+        picture = (tensor.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     if picture.shape[2] == 1:
         picture = np.repeat(picture, 3, axis=2)
+    return np.ascontiguousarray(picture[:, :, :3])
+
+
+def overlay(image: torch.Tensor | np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Image (see :func:`display_image`) and class mask ``(H, W)`` -> RGB overlay ``(H, W, 3)`` uint8: defect
+    pixels blended with their class colour (:data:`PALETTE`), every other pixel the image's own."""
+    picture = display_image(image)
     blended = picture.copy()
     defect = (mask > 0) & (mask < 255)
     blended[defect] = (alpha * colorize(mask)[defect] + (1 - alpha) * picture[defect]).astype(np.uint8)
     return blended
+
+
+TEXT_COLOUR = (255, 255, 255)
+BAR_COLOUR = (32, 32, 32)
+
+
+def enlarge(picture: np.ndarray, min_side: int) -> np.ndarray:
+    """Scale ``picture (H, W, 3)`` up by a whole factor (nearest neighbour, so class colours stay exact) until its
+    shorter side is at least ``min_side``; a picture already that large is returned as it is."""
+    factor = max(1, math.ceil(min_side / max(1, min(picture.shape[:2]))))
+    return picture if factor == 1 else np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
+
+
+def text_bar(width: int, text: str, height: int = 24) -> np.ndarray:
+    """A dark bar ``(height, width, 3)`` with ``text`` in white."""
+    bar = np.full((height, width, 3), BAR_COLOUR, dtype=np.uint8)
+    cv2.putText(bar, text, (6, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, TEXT_COLOUR, 1, cv2.LINE_AA)
+    return bar
+
+
+def legend(class_names: Sequence[str], width: int, height: int = 24) -> np.ndarray:
+    """A bar ``(rows * height, width, 3)`` with a colour swatch and the name of each defect class (index >= 1),
+    in the colours :func:`colorize` gives them; wraps onto more rows when the names do not fit."""
+    rows: list[np.ndarray] = []
+    bar = np.full((height, width, 3), BAR_COLOUR, dtype=np.uint8)
+    x = 6
+    for index, name in enumerate(class_names):
+        if index == 0:
+            continue
+        text_width = cv2.getTextSize(name, cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1)[0][0]
+        if x + 20 + text_width > width and x > 6:
+            rows.append(bar)
+            bar, x = np.full((height, width, 3), BAR_COLOUR, dtype=np.uint8), 6
+        bar[6 : height - 6, x : x + 12] = PALETTE[index % len(PALETTE)]
+        cv2.putText(bar, name, (x + 18, height - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, TEXT_COLOUR, 1, cv2.LINE_AA)
+        x += 18 + text_width + 14
+    rows.append(bar)
+    return np.concatenate(rows, axis=0)
+
+
+def with_legend(picture: np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """``picture (H, W, 3)`` with the class legend below it."""
+    return np.concatenate([picture, legend(class_names, picture.shape[1])], axis=0)
+
+
+def prediction_grid(
+    rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], class_names: Sequence[str], min_side: int
+) -> np.ndarray:
+    """Panels ``rows[i][j] (H, W, 3)`` (one row per image, one column per title) enlarged to ``min_side``, with the
+    column titles above and the class legend below: ``(title + rows * H' + legend, columns * W', 3)`` uint8."""
+    body = np.concatenate([np.concatenate([enlarge(panel, min_side) for panel in row], axis=1) for row in rows], axis=0)
+    panel_width = body.shape[1] // max(1, len(titles))
+    header = np.concatenate([text_bar(panel_width, title) for title in titles], axis=1)
+    header = np.pad(header, ((0, 0), (0, body.shape[1] - header.shape[1]), (0, 0)))
+    return with_legend(np.concatenate([header, body], axis=0), class_names)
 
 
 class PredictionOverlays(Callback):
@@ -59,12 +125,15 @@ class PredictionOverlays(Callback):
         output_dir: folder for the PNG fallback.
     """
 
-    def __init__(self, every_n_validations: int = 2, num_images: int = 4, output_dir: str | None = None) -> None:
+    def __init__(
+        self, every_n_validations: int = 2, num_images: int = 4, output_dir: str | None = None, min_side: int = 256
+    ) -> None:
         self.every_n_validations = every_n_validations
         self.num_images = num_images
+        self.min_side = min_side
         self.output_dir = Path(output_dir) if output_dir else None
         self._validations = 0
-        self._rows: list[np.ndarray] = []
+        self._rows: list[list[np.ndarray]] = []
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._rows = []
@@ -86,9 +155,7 @@ class PredictionOverlays(Callback):
         masks = batch["mask"].cpu().numpy()
         for index in range(min(self.num_images, len(predictions))):
             image = batch["image"][index]
-            self._rows.append(
-                np.concatenate([overlay(image, masks[index]), overlay(image, predictions[index])], axis=1)
-            )
+            self._rows.append([display_image(image), overlay(image, masks[index]), overlay(image, predictions[index])])
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -96,14 +163,15 @@ class PredictionOverlays(Callback):
         self._validations += 1
         if not self._rows:
             return
-        grid = np.concatenate(self._rows, axis=0)
+        class_names = list(getattr(pl_module, "class_names", None) or [str(i) for i in range(PALETTE.shape[0])])
+        grid = prediction_grid(self._rows, ("image", "ground truth", "prediction"), class_names, self.min_side)
         self._rows = []
         step = trainer.global_step
         shown = False
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(
-                    key="val/predictions", images=[grid], caption=["left: ground truth, right: prediction"], step=step
+                    key="val/predictions", images=[grid], caption=["image | ground truth | prediction"], step=step
                 )
                 shown = True
             elif isinstance(logger, TensorBoardLogger):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from semiseg.callbacks import overlay
+from semiseg.callbacks import overlay, with_legend
 from semiseg.data.datasets.base import read_image
 from semiseg.errors import ConfigError
 from semiseg.inference import SlidingWindow
@@ -276,7 +276,7 @@ def predict_folder(predictor: Predictor, input_dir: str | Path, output_dir: Path
         if with_overlay:
             write_png(
                 output_dir / "overlays" / f"{path.stem}.png",
-                overlay(torch.from_numpy(image).permute(2, 0, 1), prediction),
+                with_legend(overlay(image, prediction), predictor.class_names),
             )
         rows.append(prediction_row(path.name, probabilities, prediction, predictor))
     write_csv(output_dir / PREDICTIONS_FILE, rows)

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from semiseg.io import atomic_write_text
-from semiseg.metrics import image_means
+from semiseg.metrics import SegmentationMetrics, image_means
 
 # one colour per class index (background black); cycles past the end
 PALETTE = np.array(
@@ -248,3 +248,74 @@ def per_image_table(
         values = [*iou[index].tolist(), float(image_iou[index]), float(image_dice[index])]
         writer.writerow([image_id, *("" if math.isnan(v) else repr(v) for v in values)])
     return buffer.getvalue()
+
+
+class PseudoLabelQuality(Callback):
+    """A diagnostic off the training path: after every validation, how good the method's pseudo-labels are on a
+    fixed subset of the unlabeled images, scored against their hidden masks, and how much of those images the
+    unsupervised loss uses.
+
+    Logs ``diag/pseudo_label_mIoU`` (IoU over the defect classes, whole subset, on the pixels the loss would use),
+    ``diag/pseudo_label_mIoU_all_pixels`` (every pixel) and ``diag/unsup_pixel_share`` (share of pixels used, e.g.
+    above FixMatch's confidence threshold), from the module's
+    :meth:`~semiseg.methods.base.SemiSupervisedModule.diagnostic_pseudo_labels`.
+
+    The hidden masks never reach training: the subset is read through a dataset of its own
+    (``part_dataset("unlabeled", with_masks=True)``), not through the unlabeled training loader (whose batches
+    carry no ``mask``); the scoring runs without gradients, in eval mode, with the random number generators
+    forked, so the training trajectory is the same with or without this callback.
+
+    Args:
+        num_images: size of the subset (0 disables the diagnostic).
+        seed: picks the subset (fixed for the whole run).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, num_images: int = 32, seed: int = 0, batch_size: int = 8) -> None:
+        self.num_images = num_images
+        self.seed = seed
+        self.batch_size = batch_size
+        self._loader: torch.utils.data.DataLoader | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = getattr(trainer, "datamodule", None)
+        if not self.num_images or datamodule is None or not hasattr(datamodule, "part_dataset"):
+            return
+        dataset = datamodule.part_dataset("unlabeled", views=datamodule.eval_views, with_masks=True)
+        if len(dataset) == 0:
+            return
+        generator = np.random.default_rng(self.seed)
+        chosen = sorted(generator.choice(len(dataset), size=min(self.num_images, len(dataset)), replace=False))
+        subset = torch.utils.data.Subset(dataset, [int(i) for i in chosen])
+        self._loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=0)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self._loader is None:
+            return
+        metrics = getattr(pl_module, "val_metrics", None)
+        if metrics is None:
+            return
+        names, ignore_index = metrics.class_names, int(metrics.ignore_index)
+        used_pixels = SegmentationMetrics(names, ignore_index=ignore_index).to(pl_module.device)
+        all_pixels = SegmentationMetrics(names, ignore_index=ignore_index).to(pl_module.device)
+        used_count = total_count = 0
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            for batch in self._loader:
+                image = batch["image"].to(pl_module.device)
+                mask = batch["mask"].to(pl_module.device)
+                labels, used = pl_module.diagnostic_pseudo_labels(image)
+                all_pixels.update(labels, mask)
+                used_pixels.update(labels, torch.where(used, mask, torch.full_like(mask, ignore_index)))
+                valid = mask != ignore_index
+                used_count += int((used & valid).sum())
+                total_count += int(valid.sum())
+        pl_module.log_dict(
+            {
+                "diag/pseudo_label_mIoU": used_pixels.compute()["mIoU"],
+                "diag/pseudo_label_mIoU_all_pixels": all_pixels.compute()["mIoU"],
+                "diag/unsup_pixel_share": torch.tensor(used_count / max(1, total_count)),
+            },
+            on_epoch=True,
+            sync_dist=False,
+        )

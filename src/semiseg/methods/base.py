@@ -196,6 +196,19 @@ class SemiSupervisedModule(L.LightningModule):
         """``image (B, C, H, W)`` -> logits ``(B, num_classes, H, W)`` of the inference network."""
         return self.inference_network(image)
 
+    def diagnostic_pseudo_labels(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pseudo-labels this method's unsupervised loss would draw from ``image (B, C, H, W)`` and the pixels
+        it would use: ``(labels (B, H, W) long, used (B, H, W) bool)``. A diagnostic only
+        (:class:`semiseg.callbacks.PseudoLabelQuality`, in eval mode, so without the training-time dropout or
+        noise); it never feeds a loss.
+
+        Default: the argmax of the inference network, every pixel used — exact for methods whose unsupervised
+        loss uses every pixel of one network's prediction (CPS: each network's argmax supervises the other; this
+        is network 1's), the plain prediction for the others. Methods with a confidence threshold or another
+        source of targets override it."""
+        logits = self.predict_logits(image)
+        return logits.argmax(dim=1), torch.ones_like(logits[:, 0], dtype=torch.bool)
+
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """Validation, test and prediction: ``image (B, C, H, W)`` at any size -> ``(B, num_classes, H, W)``
         logits (log-probabilities through the sliding window when ``evaluation.sliding_window`` is on)."""

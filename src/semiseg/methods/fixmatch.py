@@ -76,6 +76,11 @@ class FixMatch(SemiSupervisedModule):
         strong_logits = self.net(mix(strong_image, rolled(strong_image), boxes))
         return confident_cross_entropy(strong_logits, mixed_label, mixed_confidence, self.threshold, self.ignore_index)
 
+    def diagnostic_pseudo_labels(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weak view's argmax, used where its confidence reaches ``threshold`` (also UniMatch's)."""
+        confidence, label = hard_pseudo_labels(self.net(image))
+        return label, confidence >= self.threshold
+
     def unsupervised_loss(self, unlabeled: Batch, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
         with torch.no_grad():
             weak_logits = self.net(unlabeled["image"])

@@ -113,6 +113,12 @@ class MeanTeacher(SemiSupervisedModule):
         return sum(p.numel() for p in self.net.parameters() if p.requires_grad)
 
     # ---- pieces the UA-MT subclass reuses ----------------------------------------------------------
+    def diagnostic_pseudo_labels(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's argmax on the clean image, every pixel used (the consistency loss covers all pixels;
+        UA-MT's uncertainty mask is not applied here)."""
+        logits = self.teacher(image)
+        return logits.argmax(dim=1), torch.ones_like(logits[:, 0], dtype=torch.bool)
+
     def noised(self, image: torch.Tensor) -> torch.Tensor:
         """``image (B, C, H, W)`` plus a fresh draw of the clipped Gaussian input noise."""
         return gaussian_input_noise(image, self.noise_std, self.noise_clip)

@@ -232,6 +232,14 @@ class UAPS(SemiSupervisedModule):
                 losses.append(self.seg_loss(decoder_logits, pseudo_label) * certainty[k].mean())
         return torch.stack(losses).mean()
 
+    def diagnostic_pseudo_labels(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixed pseudo-label of all decoders with equal weights (the expectation of the dynamic mix, so no
+        random draw is taken), every pixel used (the uncertainty weights scale pixels, they drop none)."""
+        probabilities = torch.stack([item.softmax(dim=1) for item in self.net.forward_all(image)])
+        weights = torch.full((probabilities.shape[0],), 1.0 / probabilities.shape[0], device=probabilities.device)
+        pseudo_label = mixed_pseudo_label(probabilities, weights)
+        return pseudo_label, torch.ones_like(pseudo_label, dtype=torch.bool)
+
     def unsupervised_loss(self, unlabeled: Batch, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:
         """``w1 (L_ups + L_ps) + w2 L_un`` on ``unlabeled["image"] (B, C, H, W)``; switched-off terms are exactly 0."""
         active = self.use_ups or self.use_un or self.use_ps

@@ -51,6 +51,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from uaps_step import make_batch  # noqa: E402  (the same random batch as the step benchmark)
+
 from semiseg.methods.uaps import UAPS  # noqa: E402
 
 NUM_CLASSES = 4
@@ -162,17 +164,6 @@ def build_semiseg(weighting: str) -> UAPS:
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": LEARNING_RATE},
     )
     return module.train()
-
-
-def make_batch(batch: int, size: int) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "labeled": {
-            "image": torch.randn(batch, IN_CHANNELS, size, size, generator=generator),
-            "mask": torch.randint(0, NUM_CLASSES, (batch, size, size), generator=generator),
-        },
-        "unlabeled": {"image": torch.randn(batch, IN_CHANNELS, size, size, generator=generator)},
-    }
 
 
 def make_step(loss_of: Callable[[dict], torch.Tensor], optimizer: torch.optim.Optimizer) -> Callable[[dict], None]:

@@ -63,28 +63,21 @@ def write_onnx(network: nn.Module, example: torch.Tensor, path: Path, opset: int
         raise ConfigError(f"onnx_exporter={exporter!r} must be one of {list(ONNX_EXPORTERS)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter announces its deprecation
+        # the dynamo exporter names dynamic sizes by dimension objects, the TorchScript-based one by axis names
         if exporter == "dynamo":
-            torch.onnx.export(
-                network,
-                (example,),
-                str(path),
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_shapes={"image": {0: torch.export.Dim("batch")}},
-                opset_version=opset,
-                dynamo=True,
-            )
+            dynamic = {"dynamic_shapes": {"image": {0: torch.export.Dim("batch")}}}
         else:
-            torch.onnx.export(
-                network,
-                (example,),
-                str(path),
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
+            dynamic = {"dynamic_axes": {"image": {0: "batch"}, "logits": {0: "batch"}}}
+        torch.onnx.export(
+            network,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=exporter == "dynamo",
+            **dynamic,
+        )
 
 
 def write_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> None:

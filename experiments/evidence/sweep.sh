@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The evidence sweep, one run at a time, seeds interleaved so that pairs (method, supervised) finish early.
 # Resumable: a finished run is skipped, an interrupted one continues from its checkpoints/last.ckpt.
-# After each finished run its small result files (results.json, per_image.csv, csv/metrics.csv,
-# .hydra/overrides.yaml; no checkpoints) are copied into experiments/evidence/runs/, so the report and the
-# curves can be rebuilt from the repository alone:
-#   python -m semiseg.report experiments/evidence/runs --out /tmp/evidence_report
+# Run directories stay in RUNS_DIR (outside the repository); after each finished run, collect.py adds its
+# figures to the committed tables experiments/evidence/{runs,curves,per_image_mIoU}.csv, and a run already in
+# runs.csv is skipped, so the sweep can continue in another sitting on another machine.
 #
 # usage: SEMISEG_DATA_DIR=/path/holding/NEU_data experiments/evidence/sweep.sh [RUNS_DIR]
 #   METHODS_A="supervised uaps" SEEDS_A="0 1 2 3 4" METHODS_B="mean_teacher cps fixmatch unimatch" SEEDS_B="0 1 2"
@@ -13,7 +12,7 @@ cd "$(dirname "$0")/../.."
 : "${SEMISEG_DATA_DIR:?set SEMISEG_DATA_DIR to the folder that holds NEU_data}"
 RUNS_DIR="${1:-${EVIDENCE_RUNS_DIR:-$HOME/semiseg_runs/evidence}}"
 PYTHON="${PYTHON:-.venv/bin/python}"
-KEEP=experiments/evidence/runs
+TABLE=experiments/evidence/runs.csv
 METHODS_A="${METHODS_A:-supervised uaps}"
 SEEDS_A="${SEEDS_A:-0 1 2 3 4}"
 METHODS_B="${METHODS_B:-mean_teacher cps fixmatch unimatch}"
@@ -21,14 +20,11 @@ SEEDS_B="${SEEDS_B:-0 1 2}"
 
 run_one() {  # method seed
   local name="$1_s$2" dir="$RUNS_DIR/$1_s$2"
-  if [ -f "$KEEP/$name/results.json" ]; then echo "kept already: $name"; return; fi
+  if [ -f "$TABLE" ] && grep -q "^$1,$2," "$TABLE"; then echo "in $TABLE already: $name"; return; fi
   echo "$(date -u +%FT%TZ) start $name"
   "$PYTHON" -m semiseg.train experiment=evidence_neu_cpu "method=$1" "seed=$2" data.num_workers=0 \
     logger=csv resume=true "hydra.run.dir=$dir"
-  mkdir -p "$KEEP/$name/.hydra" "$KEEP/$name/csv"
-  cp "$dir/results.json" "$dir/per_image.csv" "$KEEP/$name/"
-  cp "$dir/.hydra/overrides.yaml" "$KEEP/$name/.hydra/"
-  cp "$dir/csv/metrics.csv" "$KEEP/$name/csv/"
+  "$PYTHON" experiments/evidence/collect.py "$dir"
   echo "$(date -u +%FT%TZ) done $name"
 }
 

@@ -20,6 +20,8 @@ SEEDS_B="${SEEDS_B:-0 1 2}"
 
 run_one() {  # method seed
   local name="$1_s$2" dir="$RUNS_DIR/$1_s$2"
+  # `touch RUNS_DIR/pause` holds the sweep between runs (e.g. to free the CPU for a benchmark); rm it to go on
+  while [ -f "$RUNS_DIR/pause" ]; do sleep 20; done
   if [ -f "$TABLE" ] && grep -q "^$1,$2," "$TABLE"; then echo "in $TABLE already: $name"; return; fi
   echo "$(date -u +%FT%TZ) start $name"
   "$PYTHON" -m semiseg.train experiment=evidence_neu_cpu "method=$1" "seed=$2" data.num_workers=0 \

@@ -1,32 +1,45 @@
 #!/usr/bin/env bash
 # The evidence sweep, one run at a time, seeds interleaved so that pairs (method, supervised) finish early.
 # Resumable: a finished run is skipped, an interrupted one continues from its checkpoints/last.ckpt.
-# Run directories stay in RUNS_DIR (outside the repository); after each finished run, collect.py adds its
-# figures to the committed tables experiments/evidence/{runs,curves,per_image_mIoU}.csv, and a run already in
-# runs.csv is skipped, so the sweep can continue in another sitting on another machine.
+# Run directories stay in RUNS_DIR (outside the repository). After each finished run, the report adds it to the
+# committed run records (EVIDENCE_DIR/runs.jsonl: results, per-image scores, validation curves; no checkpoints)
+# and rewrites the committed report (EVIDENCE_DIR/report/) from the records; a run already in the records is
+# skipped, so the sweep can continue in another sitting on another machine.
 #
 # usage: SEMISEG_DATA_DIR=/path/holding/NEU_data experiments/evidence/sweep.sh [RUNS_DIR]
 #   METHODS_A="supervised uaps" SEEDS_A="0 1 2 3 4" METHODS_B="mean_teacher cps fixmatch unimatch" SEEDS_B="0 1 2"
+#   `touch RUNS_DIR/pause` holds the sweep before its next run (e.g. to free the CPU for a benchmark); rm to go on
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${SEMISEG_DATA_DIR:?set SEMISEG_DATA_DIR to the folder that holds NEU_data}"
 RUNS_DIR="${1:-${EVIDENCE_RUNS_DIR:-$HOME/semiseg_runs/evidence}}"
 PYTHON="${PYTHON:-.venv/bin/python}"
-TABLE=experiments/evidence/runs.csv
+EVIDENCE_DIR="${EVIDENCE_DIR:-experiments/evidence}"
+RECORDS="$EVIDENCE_DIR/runs.jsonl"
 METHODS_A="${METHODS_A:-supervised uaps}"
 SEEDS_A="${SEEDS_A:-0 1 2 3 4}"
 METHODS_B="${METHODS_B:-mean_teacher cps fixmatch unimatch}"
 SEEDS_B="${SEEDS_B:-0 1 2}"
 
+recorded() {  # method seed: is the run in the records?
+  [ -f "$RECORDS" ] && "$PYTHON" - "$RECORDS" "$1" "$2" <<'PY'
+import json, sys
+path, method, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+records = [json.loads(line)["results"] for line in open(path) if line.strip()]
+sys.exit(0 if any(r["method"] == method and r["seed"] == seed for r in records) else 1)
+PY
+}
+
 run_one() {  # method seed
   local name="$1_s$2" dir="$RUNS_DIR/$1_s$2"
-  # `touch RUNS_DIR/pause` holds the sweep between runs (e.g. to free the CPU for a benchmark); rm it to go on
   while [ -f "$RUNS_DIR/pause" ]; do sleep 20; done
-  if [ -f "$TABLE" ] && grep -q "^$1,$2," "$TABLE"; then echo "in $TABLE already: $name"; return; fi
+  if recorded "$1" "$2"; then echo "in $RECORDS already: $name"; return; fi
   echo "$(date -u +%FT%TZ) start $name"
   "$PYTHON" -m semiseg.train experiment=evidence_neu_cpu "method=$1" "seed=$2" data.num_workers=0 \
     logger=csv resume=true "hydra.run.dir=$dir"
-  "$PYTHON" experiments/evidence/collect.py "$dir"
+  local sources=("$dir")
+  if [ -f "$RECORDS" ]; then sources=("$RECORDS" "$dir"); fi
+  "$PYTHON" -m semiseg.report "${sources[@]}" --out "$EVIDENCE_DIR/report" --save-records "$RECORDS" > /dev/null
   echo "$(date -u +%FT%TZ) done $name"
 }
 

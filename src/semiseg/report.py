@@ -15,7 +15,19 @@ into ``DIR/report/`` (``--out`` to change):
   same dataset, ratio, split and budget: the seed-paired difference of the metric (pairs, mean, 95 % t interval,
   exact sign-flip permutation p-value, whose floor 2/2^n is printed beside it) and a paired bootstrap over test
   images of ``mIoU_image`` from the runs' ``per_image.csv`` (pooled over the paired seeds).
+* ``curve_<key>_<dataset>_r<ratio>.png`` and ``curves.csv`` — validation curves against the step (the monitored
+  metric and the ``diag/`` diagnostics, read from a run's ``csv/metrics.csv``): mean ± std over seeds, one line per
+  method, per dataset, ratio and protocol.
+* ``runs.csv`` — one row per run: identity, the metric, the per-image convention, best validation, steps and
+  ``train_seconds`` (the wall clock of the run).
 * ``index.html`` — all of it on one page.
+
+Runs can also come from *records*: ``--save-records FILE.jsonl`` writes one JSON line per run read (its
+``results.json``, overrides, budget, per-image scores and validation curves) and a ``.jsonl`` file (or a
+``runs.jsonl`` found in a folder) is read back as those runs, so a sweep that spans sittings keeps a small
+committed file instead of run directories: ``python -m semiseg.report records.jsonl NEW_RUN_DIR --save-records
+records.jsonl``. A run found twice (same method, variant, dataset, ratio, seed and protocol) counts once: the one
+given later wins.
 
 A run's *variant* is the set of its command-line overrides (``.hydra/overrides.yaml``) other than
 method, dataset, ratio, seed and keys that do not change results (paths, logger, threads, resume); runs
@@ -44,9 +56,16 @@ from typing import Any
 import yaml
 
 from semiseg.errors import SemiSegError, exit_on_user_error
+from semiseg.io import atomic_write_text
 from semiseg.results import CONFIG_FILE, PER_IMAGE_FILE, RESULTS_FILE
 
 log = logging.getLogger("semiseg.report")
+
+REQUIRED_RESULTS = {"method", "dataset", "labeled_ratio", "seed", "metrics"}
+RECORDS_SUFFIX = ".jsonl"
+RECORDS_FILE = "runs.jsonl"  # a records file found in a folder
+METRICS_LOG = Path("csv") / "metrics.csv"  # the CSV logger's file in a run dir
+CURVE_PREFIXES = ("val/", "diag/")
 
 # overrides that name the cell (method, dataset, ratio) or the repetition (seed), or change no result
 IDENTITY_KEYS = {"method", "dataset", "labeled_ratio", "seed"}
@@ -77,6 +96,8 @@ class Run:
     overrides: dict[str, str] = field(default_factory=dict)
     max_steps: int | None = None
     shown: frozenset[str] | None = None  # variant keys that differ between the reported runs
+    per_image: dict[str, float] | None = None  # id -> mIoU_image when read from records (else from per_image.csv)
+    curves: dict[str, list[tuple[int, float]]] | None = None  # key -> (step, value) when read from records
 
     @property
     def method(self) -> str:
@@ -130,6 +151,25 @@ class Run:
         value = self.results.get("metrics", {}).get(name)
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What makes two runs the same run: method, every variant override, dataset, ratio, seed, protocol."""
+        variant = tuple(sorted((k, v) for k, v in self.overrides.items() if is_variant_key(k)))
+        return (self.method, variant, self.dataset, self.ratio, self.seed, self.protocol)
+
+    def per_image_scores(self) -> dict[str, float] | None:
+        """``id -> mIoU_image`` of the test images (``None`` when the run wrote no ``per_image.csv``)."""
+        if self.per_image is not None:
+            return self.per_image
+        return read_per_image(self.path) if (self.path / PER_IMAGE_FILE).is_file() else None
+
+    def validation_curves(self) -> dict[str, list[tuple[int, float]]]:
+        """``key -> [(step, value), ...]`` of every ``val/`` and ``diag/`` key the run's CSV log holds; the step is
+        the number of optimisation steps done (Lightning logs a validation after step k at index k - 1)."""
+        if self.curves is not None:
+            return self.curves
+        return read_curves(self.path / METRICS_LOG)
+
 
 def is_variant_key(key: str) -> bool:
     key = key.lstrip("+~")
@@ -153,7 +193,7 @@ def load_run(results_path: Path) -> Run | None:
     except (OSError, json.JSONDecodeError) as error:
         log.warning("skipping %s: %s", results_path, error)
         return None
-    if not isinstance(results, dict) or not {"method", "dataset", "labeled_ratio", "seed", "metrics"} <= set(results):
+    if not isinstance(results, dict) or not set(results) >= REQUIRED_RESULTS:
         log.warning("skipping %s: not a semiseg results.json", results_path)
         return None
     run_dir = results_path.parent
@@ -171,6 +211,72 @@ def load_run(results_path: Path) -> Run | None:
     return Run(results_path.parent, results, overrides, max_steps)
 
 
+def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """The ``val/`` and ``diag/`` columns of a Lightning CSV log, as ``key -> [(step + 1, value), ...]``."""
+    if not path.is_file():
+        return {}
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                if key and key.startswith(CURVE_PREFIXES) and value not in ("", None) and row.get("step"):
+                    curves[key].append((int(row["step"]) + 1, float(value)))
+    return dict(curves)
+
+
+def run_record(run: Run) -> dict[str, Any]:
+    """One run as a JSON-able record: everything the report uses, so the run directory need not be kept."""
+    return {
+        "results": run.results,
+        "overrides": run.overrides,
+        "max_steps": run.max_steps,
+        "per_image": run.per_image_scores(),
+        "curves": {key: [list(point) for point in points] for key, points in run.validation_curves().items()},
+        "source": str(run.path),
+    }
+
+
+def load_records(path: Path) -> list[Run]:
+    """The runs of a records file written by ``--save-records`` (one JSON object per line)."""
+    runs = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            results = record["results"]
+            if not set(results) >= REQUIRED_RESULTS:
+                raise KeyError(sorted(REQUIRED_RESULTS - set(results)))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ReportError(
+                f"{path}, line {number}: not a semiseg run record ({error!r}); records files are written by "
+                "python -m semiseg.report ... --save-records FILE.jsonl"
+            ) from error
+        curves = {key: [(int(s), float(v)) for s, v in points] for key, points in (record.get("curves") or {}).items()}
+        per_image = record.get("per_image")
+        runs.append(
+            Run(Path(record.get("source") or path), results, dict(record.get("overrides") or {}),
+                record.get("max_steps"), per_image=None if per_image is None else dict(per_image), curves=curves)
+        )  # fmt: skip
+    return runs
+
+
+def save_records(runs: Sequence[Run], path: Path) -> None:
+    """Write ``runs`` to the records file ``path`` (atomically: an interrupted write leaves the old file)."""
+    ordered = sorted(runs, key=lambda r: (r.method, r.dataset, r.ratio, r.seed, str(r.variant)))
+    atomic_write_text(path, "".join(json.dumps(run_record(run), sort_keys=True) + "\n" for run in ordered))
+
+
+def unique_runs(runs: Sequence[Run]) -> list[Run]:
+    """``runs`` with each run (:attr:`Run.key`) once: a later one replaces an earlier one."""
+    by_key: dict[tuple[Any, ...], Run] = {}
+    for run in runs:
+        if run.key in by_key:
+            log.info("%s replaces %s (the same run)", run.path, by_key[run.key].path)
+        by_key[run.key] = run
+    return list(by_key.values())
+
+
 def mark_varying_keys(runs: Sequence[Run]) -> dict[str, str]:
     """Show only the variant keys whose values differ between ``runs``; return the common ones."""
     keys = {k for run in runs for k in run.overrides if is_variant_key(k)}
@@ -186,8 +292,15 @@ def find_runs(folders: Sequence[Path]) -> list[Run]:
         folder = Path(folder)
         if not folder.exists():
             raise ReportError(f"{folder} does not exist; give the folder of a run or a multirun")
+        if folder.is_file() and folder.suffix == RECORDS_SUFFIX:
+            runs.extend(load_records(folder))
+            continue
         paths = [folder] if folder.is_file() else sorted(folder.rglob(RESULTS_FILE))
         runs.extend(run for path in paths if (run := load_run(path)) is not None)
+        if folder.is_dir():
+            for records in sorted(folder.rglob(RECORDS_FILE)):
+                runs.extend(load_records(records))
+    runs = unique_runs(runs)
     if not runs:
         raise ReportError(
             f"no results.json under {', '.join(map(str, folders))}; give the folder of a finished run or multirun"
@@ -363,6 +476,93 @@ def plot_ratio_curves(table: Table, metric: str, out: Path) -> list[Path]:
     return written
 
 
+def curve_groups(runs: Sequence[Run]) -> dict[tuple[str, float, tuple], dict[str, list[Run]]]:
+    """``(dataset, ratio, protocol) -> row -> runs``: the runs whose curves share one plot."""
+    groups: dict[tuple[str, float, tuple], dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        groups[(run.dataset, run.ratio, run.protocol)][run.row].append(run)
+    return groups
+
+
+def mean_curve(runs: Sequence[Run], key: str) -> list[tuple[int, float, float, int]]:
+    """``(step, mean, std, n)`` over ``runs`` of ``key`` at every step some run logged (std 0 for one run)."""
+    at_step: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        for step, value in run.validation_curves().get(key, []):
+            at_step[step].append(value)
+    return [
+        (step, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+        for step, values in sorted(at_step.items())
+    ]
+
+
+def curve_keys(runs: Sequence[Run]) -> list[str]:
+    """The monitored validation metric(s) and the ``diag/`` keys the runs logged, in that order."""
+    logged = {key for run in runs for key in run.validation_curves()}
+    monitors = {str((run.results.get("best_val") or {}).get("metric") or "val/mIoU") for run in runs}
+    return sorted(monitors & logged) + sorted(k for k in logged if k.startswith("diag/") and "/" not in k[5:])
+
+
+def learning_curves(runs: Sequence[Run], out: Path) -> list[Path]:
+    """Plot each :func:`curve_keys` key against the step (mean ± std over seeds, one line per row) per dataset,
+    ratio and protocol, and write every point to ``out/curves.csv``; return the plots."""
+    plt = _pyplot()
+    written, lines = [], [["row", "dataset", "labeled_ratio", "budget", "key", "step", "mean", "std", "n"]]
+    keys = curve_keys(runs)
+    for (dataset, ratio, protocol), rows in sorted(curve_groups(runs).items(), key=lambda item: item[0][:2]):
+        budget = protocol[2]
+        for key in keys:
+            series = {row: mean_curve(members, key) for row, members in sorted(rows.items())}
+            series = {row: points for row, points in series.items() if points}
+            if not series:
+                continue
+            figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+            for row, points in series.items():
+                steps = [p[0] for p in points]
+                means = [p[1] for p in points]
+                stds = [p[2] for p in points]
+                seeds = max(p[3] for p in points)
+                (line,) = axes.plot(steps, means, label=f"{row} ({seeds} seed{'s' if seeds > 1 else ''})")
+                axes.fill_between(steps, [m - d for m, d in zip(means, stds, strict=True)],
+                                  [m + d for m, d in zip(means, stds, strict=True)], color=line.get_color(),
+                                  alpha=0.15)  # fmt: skip
+                lines += [[row, dataset, ratio, budget, key, *point] for point in points]
+            name = f"curve_{_safe(key)}_{_safe(dataset)}_r{ratio:g}" + (f"_{budget}steps" if budget else "")
+            title = f"{dataset}, r={ratio:g}: {key} (mean ± std over seeds)"
+            written.append(_finish_plot(figure, axes, "step", key, title, out / f"{name}.png"))
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(lines)
+    (out / "curves.csv").write_text(buffer.getvalue())
+    return written
+
+
+RUN_COLUMNS = ("method", "dataset", "labeled_ratio", "seed", "budget", "best_val_metric", "best_val",
+               "best_val_step", "steps", "train_seconds", "source")  # fmt: skip
+
+
+def runs_csv(runs: Sequence[Run], metrics: Sequence[str]) -> str:
+    """One row per run: identity, ``metrics`` (test), best validation, steps, wall clock and where it came from."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*RUN_COLUMNS[:5], *metrics, *RUN_COLUMNS[5:]])
+    for run in sorted(runs, key=lambda r: (r.dataset, r.ratio, r.row, r.seed)):
+        best = run.results.get("best_val") or {}
+        writer.writerow(
+            [run.row, run.dataset, run.ratio, run.seed, run.protocol[2],
+             *("" if run.metric(m) is None else run.metric(m) for m in metrics),
+             best.get("metric", ""), "" if best.get("value") is None else best["value"], best.get("step", ""),
+             run.results.get("steps", ""), run.results.get("train_seconds", ""), run.path]
+        )  # fmt: skip
+    return buffer.getvalue()
+
+
+def run_metrics(runs: Sequence[Run], metric: str) -> list[str]:
+    """``metric`` first, then the test metrics every run has (both conventions: ``test/mIoU``, ``..._image``)."""
+    common = set.intersection(*(set(run.results.get("metrics", {})) for run in runs)) if runs else set()
+    ordered = [metric, *(k for k in ("test/mIoU", "test/mIoU_image", "test/mDice", "test/mDice_image") if k in common)]
+    return list(dict.fromkeys(ordered))
+
+
 def ablation_kind(key: str) -> str:
     lowered = key.lower()
     for kind, needles in ABLATION_KINDS:
@@ -470,7 +670,8 @@ def page_html(
     )
     run_rows = "".join(
         f"<tr><td>{html.escape(r.row)}</td><td>{html.escape(r.dataset)}</td><td>{r.ratio:g}</td><td>{r.seed}</td>"
-        f"<td>{_fmt(r.metric(metric))}</td><td>{html.escape(r.describe_protocol())}</td>"
+        f"<td>{_fmt(r.metric(metric))}</td><td>{r.results.get('train_seconds', '')}</td>"
+        f"<td>{html.escape(r.describe_protocol())}</td>"
         f"<td>{html.escape(str(r.path))}</td></tr>"
         for r in sorted(runs, key=lambda r: (r.row, r.dataset, r.ratio, r.seed))
     )
@@ -487,7 +688,8 @@ def page_html(
         f"{html.escape(common_text(common))}. Downloads: <a href='table.csv'>table.csv</a>, "
         f"<a href='cells.csv'>cells.csv</a>, <a href='table.md'>table.md</a>.</p>{table_html(table)}{paired}"
         f"<h2>Plots</h2>{images}<h2>Runs</h2><table><tr><th>method</th><th>dataset</th><th>ratio</th>"
-        f"<th>seed</th><th>{html.escape(metric)}</th><th>protocol</th><th>folder</th></tr>{run_rows}</table>"
+        f"<th>seed</th><th>{html.escape(metric)}</th><th>train s</th><th>protocol</th><th>folder</th></tr>"
+        f"{run_rows}</table>"
         "</body></html>\n"
     )
 
@@ -642,8 +844,9 @@ def paired_comparisons(runs: Sequence[Run], metric: str, baseline: str = BASELIN
         deltas = [members[s].metric(metric) - reference[s].metric(metric) for s in seeds]  # type: ignore[operator]
         image_pairs = []
         for s in seeds:
-            if (members[s].path / PER_IMAGE_FILE).is_file() and (reference[s].path / PER_IMAGE_FILE).is_file():
-                image_pairs.append((read_per_image(members[s].path), read_per_image(reference[s].path)))
+            scores, reference_scores = members[s].per_image_scores(), reference[s].per_image_scores()
+            if scores is not None and reference_scores is not None:
+                image_pairs.append((scores, reference_scores))
         bootstrap = paired_bootstrap(image_pairs) if len(image_pairs) == len(seeds) else None
         found.append(PairedComparison(dataset, ratio, row, baseline, seeds, seed_pairs(deltas), bootstrap))
     return found
@@ -728,7 +931,8 @@ def make_report(folders: Sequence[Path], out: Path | None = None, metric: str = 
     (out / "table.md").write_text(table_markdown(table, metric, common) + paired_md)
     (out / "table.csv").write_text(table_csv(table))
     (out / "cells.csv").write_text(cells_csv(table))
-    plots = plot_ratio_curves(table, metric, out) + plot_ablations(runs, metric, out)
+    (out / "runs.csv").write_text(runs_csv(runs, run_metrics(runs, metric)))
+    plots = plot_ratio_curves(table, metric, out) + plot_ablations(runs, metric, out) + learning_curves(runs, out)
     (out / "index.html").write_text(page_html(table, metric, plots, runs, folders, common, paired_page))
     return {"out": out, "table": table, "plots": plots, "runs": runs, "common": common, "paired": comparisons}
 
@@ -765,11 +969,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("folders", nargs="+", type=Path, help="folders of runs or multiruns (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: FIRST_FOLDER/report)")
     parser.add_argument("--metric", default="test/mIoU", help="results.json metric to compare (default test/mIoU)")
+    parser.add_argument(
+        "--save-records",
+        type=Path,
+        default=None,
+        metavar="FILE.jsonl",
+        help="also write every run read as one JSON line (read back when given as a folder)",
+    )
     parser.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table and plots to W&B")
     parser.add_argument("--wandb-group", default=None, help="W&B group of the report run (e.g. the sweep_name)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.save_records is not None and args.save_records.suffix != RECORDS_SUFFIX:
+        raise ReportError(f"--save-records {args.save_records}: give a file name ending in {RECORDS_SUFFIX}")
     report = make_report(args.folders, args.out, args.metric)
+    if args.save_records is not None:
+        save_records(report["runs"], args.save_records)
+        print(f"{len(report['runs'])} run records -> {args.save_records}")
     print(table_markdown(report["table"], args.metric, report["common"]))
     print(paired_markdown(report["paired"], args.metric))
     print(f"{len(report['runs'])} runs -> {report['out']}/index.html ({len(report['plots'])} plots)")

@@ -20,8 +20,10 @@ The official step (github.com/djene-mengistu/UAPS, ``UAPS_train.py`` with ``UNet
   ``zero_grad``, ``backward``, ``step``; the network in NCHW (the official code has no ``channels_last``).
 
 semiseg's step is ``UAPS.training_losses`` (method defaults: ``uncertainty_weighting: pixel``, or ``--weighting
-batch``, the official variant) + ``backward`` + Adam, with the ramps at their full value, in NCHW and in
-``channels_last`` (semiseg's default). Both start from the same weights (the official network is built from deep
+batch``, the official variant) + ``backward`` + Adam, with the ramps at their full value, with semiseg's fast
+paths (``semiseg.runner.apply_performance``): in NCHW and in ``channels_last`` (semiseg's default), with
+``performance.cpu_dropout=uniform_mask`` (the default; ``--cpu-dropout native`` for ``F.dropout``); the official
+step keeps ``nn.Dropout``. Both start from the same weights (the official network is built from deep
 copies of semiseg's encoder and decoders) and train on the same batch (random images, 4 classes, ``batch``
 labeled + ``batch`` unlabeled). Within one pair the two steps alternate and which one runs first alternates too,
 so a change in the machine's load during the measurement hits both alike. Printed per size and memory format:
@@ -46,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +57,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from uaps_step import make_batch  # noqa: E402  (the same random batch as the step benchmark)
 
 from semiseg.methods.uaps import UAPS  # noqa: E402
+from semiseg.runner import apply_performance  # noqa: E402
 
 NUM_CLASSES = 4
 IN_CHANNELS = 3
@@ -197,12 +201,16 @@ def paired_times(steps: dict[str, Callable[[dict], None]], batch: dict, pairs: i
     return times
 
 
-def measure(size: int, pairs: int, batch_size: int, memory_format: str, weighting: str) -> dict:
+def semiseg_performance(memory_format: str, cpu_dropout: str) -> DictConfig:
+    """semiseg's ``performance`` settings for the step: the memory format and the CPU dropout (no compile)."""
+    return OmegaConf.create({"channels_last": memory_format == "channels_last", "cpu_dropout": cpu_dropout})
+
+
+def measure(size: int, pairs: int, batch_size: int, memory_format: str, weighting: str, cpu_dropout: str) -> dict:
     torch.manual_seed(0)
     module = build_semiseg(weighting)
-    official = OfficialUAPSNet(module.net).train()  # copied before semiseg's network changes memory format
-    if memory_format == "channels_last":
-        module = module.to(memory_format=torch.channels_last)
+    official = OfficialUAPSNet(module.net).train()  # copied before semiseg's fast paths change the network
+    module = apply_performance(module, semiseg_performance(memory_format, cpu_dropout))
     batch = make_batch(batch_size, size)
     times = paired_times({"semiseg": semiseg_step(module), "official": official_step(official)}, batch, pairs)
     ratios = [s / o for s, o in zip(times["semiseg"], times["official"], strict=True)]
@@ -221,14 +229,12 @@ def measure(size: int, pairs: int, batch_size: int, memory_format: str, weightin
     }
 
 
-def profile(size: int, batch_size: int, memory_format: str, weighting: str, rows: int) -> None:
+def profile(size: int, batch_size: int, memory_format: str, weighting: str, cpu_dropout: str, rows: int) -> None:
     """The ``rows`` most expensive operators (self CPU time) of two semiseg steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    module = build_semiseg(weighting)
-    if memory_format == "channels_last":
-        module = module.to(memory_format=torch.channels_last)
+    module = apply_performance(build_semiseg(weighting), semiseg_performance(memory_format, cpu_dropout))
     batch = make_batch(batch_size, size)
     step = semiseg_step(module)
     step(batch)
@@ -245,6 +251,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="labeled and unlabeled images per step, each")
     parser.add_argument("--formats", nargs="+", choices=["nchw", "channels_last"], default=["nchw", "channels_last"])
     parser.add_argument("--weighting", choices=["pixel", "batch"], default="pixel", help="semiseg's option")
+    parser.add_argument(
+        "--cpu-dropout",
+        choices=["uniform_mask", "native"],
+        default="uniform_mask",
+        help="semiseg's performance.cpu_dropout (default: the config's default, uniform_mask)",
+    )
     parser.add_argument("--profile", type=int, default=0, help="print the N costliest operators instead")
     parser.add_argument("--out", default="official_step")
     args = parser.parse_args()
@@ -252,12 +264,13 @@ def main() -> None:
         for size in args.sizes:
             for memory_format in args.formats:
                 print(f"semiseg UAPS step, {size}², {memory_format}, weighting={args.weighting}")
-                profile(size, args.batch, memory_format, args.weighting, args.profile)
+                profile(size, args.batch, memory_format, args.weighting, args.cpu_dropout, args.profile)
         return
     pairs = dict(zip(args.sizes, args.steps + args.steps[-1:] * len(args.sizes), strict=False))
     figures = {
         "batch": f"{args.batch}+{args.batch}",
         "weighting": args.weighting,
+        "cpu_dropout": args.cpu_dropout,
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu": platform.processor() or platform.machine(),
@@ -265,12 +278,12 @@ def main() -> None:
         "results": [],
     }
     print(
-        f"UAPS step: semiseg (uncertainty_weighting={args.weighting}) vs official, batch {args.batch}+{args.batch}, "
-        f"{NUM_CLASSES} classes, {torch.get_num_threads()} threads"
+        f"UAPS step: semiseg (uncertainty_weighting={args.weighting}, cpu_dropout={args.cpu_dropout}) vs official, "
+        f"batch {args.batch}+{args.batch}, {NUM_CLASSES} classes, {torch.get_num_threads()} threads"
     )
     for size in args.sizes:
         for memory_format in args.formats:
-            row = measure(size, pairs[size], args.batch, memory_format, args.weighting)
+            row = measure(size, pairs[size], args.batch, memory_format, args.weighting, args.cpu_dropout)
             figures["results"].append(row)
             print(
                 f"  {size}² {memory_format:<13} semiseg {row['semiseg_median_s']:.3f} s  "

@@ -92,6 +92,7 @@ class Probe(L.Callback):
         self.channels_last: list[bool] = []
         self.devices: set[str] = set()
         self.output_dtypes: list[torch.dtype] = []
+        self.dropout_types: set[type] = set()
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.fits += 1
@@ -101,6 +102,7 @@ class Probe(L.Callback):
         weights = [p for p in module.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] * p.shape[3] > 1]
         self.channels_last = [p.is_contiguous(memory_format=torch.channels_last) for p in weights]
         self.devices = {p.device.type for p in module.parameters()}
+        self.dropout_types = {type(m) for m in module.modules() if isinstance(m, torch.nn.Dropout)}
         network = next(child for child in module.children() if any(True for _ in child.parameters()))
         self._hook = network.register_forward_hook(self._record)
 

@@ -226,18 +226,19 @@ def test_pixel_and_batch_uncertainty_weighting() -> None:
     module = make_uaps(use_un=False, rampup_length=0).train()
     logits = [torch.randn(2, 3, 8, 8) for _ in range(4)]
     probabilities = torch.stack([item.softmax(dim=1) for item in logits])
-    uncertainty = decoder_uncertainty(torch.stack([item.log_softmax(dim=1) for item in logits]))
+    log_probabilities = torch.stack([item.log_softmax(dim=1) for item in logits])
+    uncertainty = decoder_uncertainty(log_probabilities)
     pseudo = mixed_pseudo_label(probabilities, mixing_weights(4, "average"))
     certainty = torch.exp(-uncertainty)
-    pixel = module.pseudo_supervision(logits, pseudo, certainty)
+    pixel = module.pseudo_supervision(log_probabilities, probabilities, pseudo, certainty)
     expected_pixel = torch.stack([module.seg_loss(logits[k], pseudo, weight=certainty[k]) for k in range(4)]).mean()
     assert torch.allclose(pixel, expected_pixel)
     module.uncertainty_weighting = "batch"
-    batch = module.pseudo_supervision(logits, pseudo, certainty)
+    batch = module.pseudo_supervision(log_probabilities, probabilities, pseudo, certainty)
     expected_batch = torch.stack([module.seg_loss(logits[k], pseudo) * certainty[k].mean() for k in range(4)]).mean()
     assert torch.allclose(batch, expected_batch)
     assert not torch.allclose(pixel, batch)
-    plain = module.pseudo_supervision(logits, pseudo, None)
+    plain = module.pseudo_supervision(log_probabilities, probabilities, pseudo, None)
     assert torch.allclose(plain, torch.stack([module.seg_loss(item, pseudo) for item in logits]).mean())
 
 

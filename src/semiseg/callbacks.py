@@ -1,11 +1,14 @@
-"""Callbacks of the suite: validation prediction overlays and ``per_image.csv`` (the progress bar is in
-:mod:`semiseg.console`)."""
+"""Callbacks of the suite: validation prediction overlays, ``per_image.csv``, the pseudo-label diagnostic and the
+wall-clock breakdown (the progress bar is in :mod:`semiseg.console`)."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,8 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from semiseg.io import atomic_write_text
 from semiseg.metrics import SegmentationMetrics, image_means
+
+log = logging.getLogger("semiseg.train")
 
 # one colour per class index (background black); cycles past the end
 PALETTE = np.array(
@@ -319,3 +324,66 @@ class PseudoLabelQuality(Callback):
             on_epoch=True,
             sync_dist=False,
         )
+
+
+class WallClock(Callback):
+    """Where a fit's wall clock goes: the optimisation steps (forward, loss, backward, optimizer step: from
+    ``on_train_batch_start`` to ``on_train_batch_end``), validation (sanity check included) and the rest
+    (loading the next batch, logging, checkpoints, callbacks). At the end of the fit it logs one line and, on the
+    global-zero process, writes ``path`` (JSON): ``fit_seconds``, ``step_seconds``, ``validation_seconds``,
+    ``other_seconds``, ``steps`` and ``share_outside_steps`` (1 − step / fit). A resumed fit counts its own part.
+
+    Args:
+        path: the JSON file (``None``: only the log line).
+    """
+
+    def __init__(self, path: str | Path | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.figures: dict[str, float] = {}
+        self._fit_started = self._batch_started = self._validation_started = 0.0
+        self._step_seconds = self._validation_seconds = 0.0
+        self._steps = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._fit_started = time.perf_counter()
+        self._step_seconds = self._validation_seconds = 0.0
+        self._steps = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_started = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_seconds += time.perf_counter() - self._batch_started
+        self._steps += 1
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validation_started = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._fit_started:
+            self._validation_seconds += time.perf_counter() - self._validation_started
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit = time.perf_counter() - self._fit_started
+        other = max(0.0, fit - self._step_seconds - self._validation_seconds)
+        self.figures = {
+            "fit_seconds": round(fit, 3),
+            "step_seconds": round(self._step_seconds, 3),
+            "validation_seconds": round(self._validation_seconds, 3),
+            "other_seconds": round(other, 3),
+            "steps": self._steps,
+            "share_outside_steps": round(1.0 - self._step_seconds / fit, 4) if fit > 0 else 0.0,
+        }
+        log.info(
+            "wall clock of the fit: %.1f s; optimisation steps %.1f s (%d), validation %.1f s, the rest %.1f s "
+            "(%.0f %% outside the steps)",
+            fit, self._step_seconds, self._steps, self._validation_seconds, other,
+            100 * self.figures["share_outside_steps"],
+        )  # fmt: skip
+        if self.path is not None and trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(self.figures, indent=2) + "\n")

@@ -32,11 +32,27 @@ def cross_entropy(
     class_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over labeled pixels, each scaled by ``weight`` (B, H, W) when given."""
-    per_pixel = F.cross_entropy(logits, target, weight=class_weights, ignore_index=ignore_index, reduction="none")
-    valid = (target != ignore_index).to(per_pixel.dtype)
-    if weight is not None:
-        per_pixel = per_pixel * weight
-    return per_pixel.sum() / valid.sum().clamp_min(1.0)
+    return nll_loss(logits.log_softmax(dim=1), target, ignore_index, weight, class_weights)
+
+
+def nll_loss(
+    log_probabilities: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = 255,
+    weight: torch.Tensor | None = None,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`cross_entropy` from ``log_probabilities (B, C, H, W)`` (a log-softmax computed once and shared).
+
+    The sum over labeled pixels divided by their number (not by the sum of ``class_weights``); without a pixel
+    ``weight`` the sum is reduced inside the kernel, so no per-pixel loss tensor (and no graph for it) is built.
+    """
+    valid_count = (target != ignore_index).sum().clamp_min(1).to(log_probabilities.dtype)
+    if weight is None:
+        total = F.nll_loss(log_probabilities, target, weight=class_weights, ignore_index=ignore_index, reduction="sum")
+        return total / valid_count
+    per_pixel = F.nll_loss(log_probabilities, target, weight=class_weights, ignore_index=ignore_index, reduction="none")
+    return (per_pixel * weight).sum() / valid_count
 
 
 def dice_loss(
@@ -48,13 +64,25 @@ def dice_loss(
 ) -> torch.Tensor:
     """Soft Dice loss ``1 - mean_c (2|P_c ∩ Y_c| + s) / (|P_c| + |Y_c| + s)`` over all classes (background
     included, the SSL4MIS/UAPS convention), computed over the batch; ``weight`` scales each pixel."""
-    num_classes = logits.shape[1]
+    return dice_from_probabilities(logits.softmax(dim=1), target, ignore_index, weight, smooth)
+
+
+def dice_from_probabilities(
+    probabilities: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = 255,
+    weight: torch.Tensor | None = None,
+    smooth: float = DICE_SMOOTH,
+) -> torch.Tensor:
+    """:func:`dice_loss` from ``probabilities (B, C, H, W)`` (a softmax computed once and shared)."""
     valid, safe_target = _valid(target, ignore_index)
-    pixel_weight = valid.to(logits.dtype)
+    pixel_weight = valid.to(probabilities.dtype)
     if weight is not None:
         pixel_weight = pixel_weight * weight
-    probs = logits.softmax(dim=1) * pixel_weight.unsqueeze(1)
-    one_hot = F.one_hot(safe_target, num_classes).permute(0, 3, 1, 2).to(logits.dtype) * pixel_weight.unsqueeze(1)
+    pixel_weight = pixel_weight.unsqueeze(1)  # (B, 1, H, W)
+    probs = probabilities * pixel_weight
+    # the one-hot target built in the probabilities' dtype and layout (no int64 (B, H, W, C) intermediate)
+    one_hot = torch.zeros_like(probabilities).scatter_(1, safe_target.unsqueeze(1), 1.0) * pixel_weight
     dims = (0, 2, 3)
     intersection = (probs * one_hot).sum(dims)
     denominator = probs.sum(dims) + one_hot.sum(dims)
@@ -72,11 +100,30 @@ def ce_dice_loss(
     dice_weight: float = 0.5,
 ) -> torch.Tensor:
     """``ce_weight * CE + dice_weight * Dice`` (0.5 each: the UAPS supervised loss)."""
-    loss = logits.new_zeros(())
+    return ce_dice_from_log_probabilities(
+        logits.log_softmax(dim=1), target, ignore_index, weight, class_weights, ce_weight, dice_weight
+    )
+
+
+def ce_dice_from_log_probabilities(
+    log_probabilities: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = 255,
+    weight: torch.Tensor | None = None,
+    class_weights: torch.Tensor | None = None,
+    ce_weight: float = 0.5,
+    dice_weight: float = 0.5,
+    probabilities: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`ce_dice_loss` from one log-softmax ``(B, C, H, W)`` shared by both terms (and by a caller that needs
+    it too, e.g. UAPS's uncertainty); ``probabilities`` = its ``exp`` when the caller has it already."""
+    loss = log_probabilities.new_zeros(())
     if ce_weight:
-        loss = loss + ce_weight * cross_entropy(logits, target, ignore_index, weight, class_weights)
+        loss = loss + ce_weight * nll_loss(log_probabilities, target, ignore_index, weight, class_weights)
     if dice_weight:
-        loss = loss + dice_weight * dice_loss(logits, target, ignore_index, weight)
+        if probabilities is None:
+            probabilities = log_probabilities.exp()
+        loss = loss + dice_weight * dice_from_probabilities(probabilities, target, ignore_index, weight)
     return loss
 
 

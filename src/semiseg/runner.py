@@ -23,13 +23,16 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from semiseg import sweeps
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, check_choice
 from semiseg.io import AtomicCheckpointIO, atomic_write_json, atomic_write_text
+from semiseg.models.perturbations import use_uniform_mask_dropout
 from semiseg.results import CONFIG_FILE, SPLIT_FILE, checkpoint_step, make_results
 from semiseg.resume import ContinuingCSVLogger, RunInterrupted, find_resume_callback
 from semiseg.wandb_logging import finish_run
 
 log = logging.getLogger("semiseg.train")
+
+CPU_DROPOUT = ("uniform_mask", "native")
 
 
 def build_datamodule(cfg: DictConfig, method_class: type) -> Any:
@@ -72,10 +75,15 @@ def build_module(cfg: DictConfig) -> Any:
 
 
 def apply_performance(module: Any, performance: DictConfig | None) -> Any:
-    """Opt-in fast paths: ``channels_last`` memory format and ``torch.compile`` of every trainable network
-    (with ``compile_fallback: true``, a network that fails to compile runs eagerly instead of failing the run)."""
+    """Fast paths: ``channels_last`` memory format, ``cpu_dropout`` (``uniform_mask``: every ``nn.Dropout``
+    becomes :class:`~semiseg.models.perturbations.UniformMaskDropout`, the same distribution drawn faster on the
+    CPU; ``native``: left as is) and ``torch.compile`` of every trainable network (with ``compile_fallback:
+    true``, a network that fails to compile runs eagerly instead of failing the run)."""
     if not performance:
         return module
+    cpu_dropout = check_choice("performance.cpu_dropout", performance.get("cpu_dropout", "native"), CPU_DROPOUT)
+    if cpu_dropout == "uniform_mask":
+        use_uniform_mask_dropout(module)
     if performance.get("channels_last"):
         module = module.to(memory_format=torch.channels_last)
     if performance.get("compile"):

@@ -35,7 +35,7 @@ from torch import nn
 
 from semiseg.errors import ConfigError, SemiSegError, check_choice
 from semiseg.inference import SlidingWindow
-from semiseg.losses import ce_dice_loss, class_weight_tensor
+from semiseg.losses import ce_dice_from_log_probabilities, class_weight_tensor
 from semiseg.metrics import PerImageMetrics, SegmentationMetrics
 from semiseg.models.base import SegmentationNetwork, count_trainable_parameters
 from semiseg.ramps import sigmoid_rampup
@@ -224,14 +224,26 @@ class SemiSupervisedModule(L.LightningModule):
 
     def seg_loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The supervised loss ``ce_weight * CE + dice_weight * Dice`` (0.5 each by default)."""
-        return ce_dice_loss(
-            logits,
+        return self.seg_loss_from_log_probabilities(logits.log_softmax(dim=1), target, weight)
+
+    def seg_loss_from_log_probabilities(
+        self,
+        log_probabilities: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        probabilities: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`seg_loss` from a log-softmax ``(B, C, H, W)`` the caller computed once (and its ``exp``, if
+        it has that too), so that CE, Dice and the caller's own terms share it."""
+        return ce_dice_from_log_probabilities(
+            log_probabilities,
             target,
             ignore_index=self.ignore_index,
             weight=weight,
             class_weights=self.class_weights if self.class_weights.numel() else None,
             ce_weight=self.ce_weight,
             dice_weight=self.dice_weight,
+            probabilities=probabilities,
         )
 
     def supervised_loss(self, labeled: Batch) -> tuple[torch.Tensor, LossTerms]:

@@ -213,23 +213,32 @@ class UAPS(SemiSupervisedModule):
         return torch.stack(per_decoder).mean(), terms
 
     def pseudo_supervision(
-        self, logits: Sequence[torch.Tensor], pseudo_label: torch.Tensor, certainty: torch.Tensor | None
+        self,
+        log_probabilities: torch.Tensor,
+        probabilities: torch.Tensor,
+        pseudo_label: torch.Tensor,
+        certainty: torch.Tensor | None,
     ) -> torch.Tensor:
         """Mean over decoders of ``0.5 (CE + Dice)(logits_k, ŷ)``, weighted by ``certainty = exp(−u)`` if given.
 
         Args:
-            logits: K tensors ``(B, C, H, W)``.
+            log_probabilities: ``(K, B, C, H, W)`` log-softmax of the K decoders (shared with the uncertainty).
+            probabilities: ``(K, B, C, H, W)``, its ``exp``.
             pseudo_label: ``(B, H, W)``.
             certainty: ``(K, B, H, W)`` or ``None`` (plain pseudo-supervision ℓps).
         """
         losses = []
-        for k, decoder_logits in enumerate(logits):
+        for k in range(log_probabilities.shape[0]):
+            log_p, p = log_probabilities[k], probabilities[k]
             if certainty is None:
-                losses.append(self.seg_loss(decoder_logits, pseudo_label))
+                losses.append(self.seg_loss_from_log_probabilities(log_p, pseudo_label, probabilities=p))
             elif self.uncertainty_weighting == "pixel":
-                losses.append(self.seg_loss(decoder_logits, pseudo_label, weight=certainty[k]))
-            else:
-                losses.append(self.seg_loss(decoder_logits, pseudo_label) * certainty[k].mean())
+                losses.append(
+                    self.seg_loss_from_log_probabilities(log_p, pseudo_label, weight=certainty[k], probabilities=p)
+                )
+            else:  # batch: a batch-mean loss times the mean certainty (no per-pixel weighting)
+                loss = self.seg_loss_from_log_probabilities(log_p, pseudo_label, probabilities=p)
+                losses.append(loss * certainty[k].mean())
         return torch.stack(losses).mean()
 
     def diagnostic_pseudo_labels(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,8 +266,10 @@ class UAPS(SemiSupervisedModule):
                 certainty = torch.exp(-uncertainty)
                 if self.detach_uncertainty_weights:
                     certainty = certainty.detach()
-                loss_ups = self.pseudo_supervision(logits, pseudo_label, certainty)
-            loss_ps = self.pseudo_supervision(logits, pseudo_label, None) if self.use_ps else zero
+                loss_ups = self.pseudo_supervision(log_probabilities, probabilities, pseudo_label, certainty)
+            loss_ps = (
+                self.pseudo_supervision(log_probabilities, probabilities, pseudo_label, None) if self.use_ps else zero
+            )
         w1, w2 = self.loss_weights()
         total = w1 * (loss_ups + loss_ps) + w2 * loss_un
         terms: LossTerms = {

@@ -31,15 +31,43 @@ class FeatureNoise(nn.Module):
         return x + x * noise.unsqueeze(0)
 
 
-class FeatureDropout(nn.Module):
-    """Element-wise dropout with probability ``p`` (kept values scaled by ``1 / (1 - p)``)."""
+class FeatureDropout(nn.Dropout):
+    """Element-wise dropout with probability ``p`` (kept values scaled by ``1 / (1 - p)``): ``nn.Dropout``, named
+    for its place among the perturbations."""
 
     def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.p = p
+        super().__init__(p)
+
+
+class UniformMaskDropout(nn.Dropout):
+    """``nn.Dropout`` whose mask, on the CPU, is drawn as ``u >= p`` with ``u ~ U[0, 1)`` per element.
+
+    The same distribution as ``F.dropout`` (each element kept with probability exactly ``1 - p``, kept values
+    scaled by ``1 / (1 - p)``, the identity in eval mode), from another random stream: on the CPU, ``bernoulli_``
+    costs about twice a uniform draw (``benchmarks/official_step.py``; README, Performance). On other devices
+    it is ``F.dropout``. :func:`semiseg.runner.apply_performance` swaps it in for every ``nn.Dropout`` when
+    ``performance.cpu_dropout=uniform_mask`` (the default).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.dropout(x, self.p, training=self.training)
+        if not self.training or self.p == 0 or self.p == 1 or x.device.type != "cpu":
+            return F.dropout(x, self.p, self.training, self.inplace)
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype)
+        return x * (keep * (1.0 / (1.0 - self.p)))
+
+
+def use_uniform_mask_dropout(module: nn.Module) -> int:
+    """Replace every ``nn.Dropout`` (element-wise, incl. :class:`FeatureDropout`) inside ``module`` with a
+    :class:`UniformMaskDropout` of the same ``p``; returns how many were replaced (``Dropout2d`` is left as is)."""
+    replaced = 0
+    for parent in module.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) in (nn.Dropout, FeatureDropout):
+                fast = UniformMaskDropout(child.p, child.inplace)
+                fast.train(child.training)
+                setattr(parent, name, fast)
+                replaced += 1
+    return replaced
 
 
 class FeatureDrop(nn.Module):

@@ -199,7 +199,8 @@ EVERY_STEP = [
     "data.batch_size_unlabeled=6",  # 20 unlabeled images: 3 batches per pass, the epoch
 ]
 EVERY_STEP_METHOD = {  # small networks; cps_rg's three stages within the run's three epochs
-    "u2pl": [],
+    "u2pl": ["method.queue_size=64", "method.background_queue_size=96", "method.num_queries=16",
+             "method.num_negatives=8", "method.rep_dim=16"],  # small queues: a checkpoint every step stays small
     "cps_rg": ["model=unet", "partial_labels=points", "method.cps_start_epoch=1", "method.grow_start_epoch=2",
                "method.growing.threshold=0.0", "method.growing.neighbourhood=5", "method.inference=first"],
 }  # fmt: skip

@@ -76,3 +76,15 @@ def test_a_run_trains_with_the_swapped_dropout_and_writes_its_wall_clock(make_cf
 def test_native_dropout_is_kept_when_asked(make_cfg, probe) -> None:
     train(make_cfg("performance.cpu_dropout=native"))
     assert probe.dropout_types == {nn.Dropout}
+
+
+def test_auto_loader_workers_are_none_inside_a_joblib_multirun(monkeypatch: pytest.MonkeyPatch) -> None:
+    from semiseg import sweeps
+    from semiseg.data.datamodule import resolve_num_workers
+
+    monkeypatch.setattr(sweeps, "parallel_jobs", lambda: 2)
+    assert resolve_num_workers("auto") == 0
+    assert resolve_num_workers(3) == 3  # an explicit number is kept
+    monkeypatch.setattr(sweeps, "parallel_jobs", lambda: 1)
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert resolve_num_workers("auto") == 2

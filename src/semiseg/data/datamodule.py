@@ -100,8 +100,14 @@ class SplitDataset(Dataset):
 
 
 def resolve_num_workers(num_workers: int | str) -> int:
-    """``"auto"``: one worker per spare core, at most 4 (0 on a single-core machine)."""
+    """``"auto"``: one worker per spare core, at most 4 (0 on a single-core machine), and 0 inside a joblib
+    multirun, whose parallel jobs already fill the cores (and whose loky worker processes cannot start loader
+    workers: ``AttributeError: 'Process' object has no attribute 'env'``)."""
     if num_workers == "auto":
+        from semiseg.sweeps import parallel_jobs
+
+        if parallel_jobs() > 1:
+            return 0
         return max(0, min(4, (os.cpu_count() or 1) - 1))
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ConfigError(f"data.num_workers={num_workers!r} must be a non-negative integer or 'auto'")

@@ -43,8 +43,9 @@ class UniformMaskDropout(nn.Dropout):
     """``nn.Dropout`` whose mask, on the CPU, is drawn as ``u >= p`` with ``u ~ U[0, 1)`` per element.
 
     The same distribution as ``F.dropout`` (each element kept with probability exactly ``1 - p``, kept values
-    scaled by ``1 / (1 - p)``, the identity in eval mode), from another random stream: on the CPU, ``bernoulli_``
-    costs about twice a uniform draw (``benchmarks/official_step.py``; README, Performance). On other devices
+    scaled by ``1 / (1 - p)``, the identity in eval mode), from another random stream: on the CPU, ``F.dropout``'s
+    ``bernoulli_`` made a forward + backward on 8 × 16 × 128² take about twice as long (45.7 vs 22.5 ms in a
+    micro-benchmark; README, Performance). On other devices
     it is ``F.dropout``. :func:`semiseg.runner.apply_performance` swaps it in for every ``nn.Dropout`` when
     ``performance.cpu_dropout=uniform_mask`` (the default).
     """

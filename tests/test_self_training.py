@@ -16,6 +16,7 @@ from semiseg.methods.self_training.evalnet import (
     EvalNet,
     copies_from_scores,
     label_iou,
+    official_copies,
     one_hot_labels,
     perturb_mask,
     score_pseudo_labels,
@@ -324,14 +325,35 @@ def test_evalnet_network_and_training_targets() -> None:
 
 
 def test_im_plusplus_run_filters_with_evalnet(make_cfg, tmp_path: Path) -> None:
-    results = train(make_cfg("method=im_plusplus", "method.generations=1", "method.evalnet.max_steps=2", *TINY_LOOP))
+    """The official scheme: EvalNets trained on the LDT students' predictions, the best by validation MAE
+    score, and every kept pseudo-label enters 1..5 times (none dropped by EvalNet)."""
+    overrides = ["method=im_plusplus", "method.generations=1", "method.evalnet.max_steps=2",
+                 "method.evalnet.num_evalnets=3", "method.evalnet.ensemble_size=2", "method.evalnet.num_loops=2",
+                 "method.evalnet.num_loops_val=1", "method.evalnet.max_models=2"]  # fmt: skip
+    results = train(make_cfg(*overrides, *TINY_LOOP))
     entry = results["generations"][1]
     evalnet = entry["pseudo_labels"]["evalnet"]
     pseudo = PseudoLabels.load(tmp_path / "run" / "generation_1" / "pseudo_labels.npz")
-    assert evalnet["kept"] == int((pseudo.scores > 0.75).sum()) == entry["pseudo_labels"]["kept"]
-    assert (tmp_path / "run" / "evalnet" / "model.pt").is_file()
+    summary = json.loads((tmp_path / "run" / "evalnet" / "evalnet.json").read_text())
+    assert len(summary["val_mae"]) == 3 and evalnet["ensemble_size"] == 2
+    assert summary["ensemble"] == sorted(range(3), key=lambda i: summary["val_mae"][i])[:2]
+    assert all((tmp_path / "run" / "evalnet" / f"model_{i}.pt").is_file() for i in range(3))
+    assert not np.isnan(pseudo.scores).any()
+    wanted = official_copies(pseudo.scores, 0.72, 0.75, 5)
+    kept = pseudo.copies > 0
+    assert (pseudo.copies[kept] == wanted[kept]).all() and evalnet["kept"] == int(kept.sum())
     widths = [s["num_params"] for s in entry["students"]]
     assert widths[0] > results["generations"][0]["students"][0]["num_params"]  # Noisy Student grows
+
+
+def test_evalnet_threshold_rule_drops_low_scores(make_cfg, tmp_path: Path) -> None:
+    overrides = ["method=im_plusplus", "method.generations=1", "method.evalnet.max_steps=2",
+                 "method.evalnet.copy_rule=threshold", "method.evalnet.training_data=perturbed_truth",
+                 "method.evalnet.num_evalnets=1", "method.evalnet.ensemble_size=1"]  # fmt: skip
+    results = train(make_cfg(*overrides, *TINY_LOOP))
+    evalnet = results["generations"][1]["pseudo_labels"]["evalnet"]
+    pseudo = PseudoLabels.load(tmp_path / "run" / "generation_1" / "pseudo_labels.npz")
+    assert evalnet["kept"] == int((pseudo.scores > 0.75).sum()) == results["generations"][1]["pseudo_labels"]["kept"]
 
 
 def test_aldt_adds_augmented_copies_of_every_labeled_image(make_cfg) -> None:

@@ -26,6 +26,7 @@ from semiseg.data.datamodule import SemiSupervisedDataModule
 from semiseg.data.datasets.base import DefectDataset, Sample
 from semiseg.data.transforms import ViewMaker
 from semiseg.errors import ConfigError, check_choice
+from semiseg.methods.self_training.offline_augment import PhotometricNoise, augment_with_masks
 from semiseg.methods.self_training.pseudo_label_store import PseudoLabels
 
 MASKED_INPUT_MODES = ("black", "zero")
@@ -92,6 +93,11 @@ class SelfTrainingSet(Dataset):
         im_value: the target value of inconsistency-masked pixels (``ignore_index`` or the IM class).
         strong_probability: probability that a pseudo-labeled item gets the strong pipeline (Noisy Student).
         image_size: ``[H, W]`` of the pseudo-labels.
+        offline_noise: when set (Noisy Student, IM+, IM++ as the official code), every pseudo-labeled item is an
+            offline augmented copy (:func:`augment_with_masks` of the image, pseudo-label and mask), the same
+            copy in every epoch (drawn from ``offline_seed``, ``generation``, the row and the copy number), and
+            gets no strong pipeline; the weak (geometric) pipeline still applies, as to every item.
+        generation, offline_seed: key the offline copies (another generation or run seed: other copies).
     """
 
     def __init__(
@@ -105,8 +111,14 @@ class SelfTrainingSet(Dataset):
         im_value: int = 255,
         strong_probability: float = 0.0,
         image_size: Sequence[int] = (128, 128),
+        offline_noise: PhotometricNoise | None = None,
+        generation: int = 0,
+        offline_seed: int = 0,
     ) -> None:
         self.dataset = dataset
+        self.offline_noise = offline_noise
+        self.generation = int(generation)
+        self.offline_seed = int(offline_seed)
         self.views = views
         self.pseudo = pseudo
         self.im_value = im_value
@@ -145,11 +157,25 @@ class SelfTrainingSet(Dataset):
                     image = image[:, :, None]
             im = self.pseudo.masks[entry.pseudo_row].astype(bool)
             mask = self.pseudo.labels[entry.pseudo_row].astype(np.int64)
+            if self.offline_noise is not None:
+                image, im, mask = self.offline_copy(image, im, mask, entry)
+                strong = False
+            else:
+                strong = entry.copy > 0 or (self.strong_probability > 0 and self._draw() < self.strong_probability)
             mask = np.where(im, self.im_value, mask)
-            strong = entry.copy > 0 or (self.strong_probability > 0 and self._draw() < self.strong_probability)
         item: dict[str, Any] = self.views.make(image, mask, im, strong=strong)
         item["id"] = entry.sample.id
         return item
+
+    def offline_copy(
+        self, image: np.ndarray, im: np.ndarray, label: np.ndarray, entry: Entry
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The fixed augmented copy of a pseudo-labeled entry: ``image (H, W, C)`` uint8, ``im (H, W)`` bool,
+        ``label (H, W)`` -> the same, moved alike."""
+        assert self.offline_noise is not None and entry.pseudo_row is not None
+        rng = np.random.default_rng([self.offline_seed, self.generation, entry.pseudo_row, entry.copy])
+        image, (label, blocked) = augment_with_masks(image, [label, im.astype(np.uint8)], self.offline_noise, rng)
+        return image, blocked.astype(bool), label
 
 
 class SelfTrainingDataModule(SemiSupervisedDataModule):
@@ -178,17 +204,38 @@ class SelfTrainingDataModule(SemiSupervisedDataModule):
             masked_input=masked_input,
         )
         self.image_size = (views.height, views.width)
+        self.mean, self.std = list(kwargs["mean"]), list(kwargs["std"])
         self.pseudo: PseudoLabels | None = None
         self.im_value = self.dataset.ignore_index
         self.strong_probability = 0.0
+        self.offline_noise: PhotometricNoise | None = None
+        self.generation = 0
+        self.offline_seed = 0
 
     def set_pseudo_labels(
-        self, pseudo: PseudoLabels | None, im_value: int | None = None, strong_probability: float = 0.0
+        self,
+        pseudo: PseudoLabels | None,
+        im_value: int | None = None,
+        strong_probability: float = 0.0,
+        offline_noise: PhotometricNoise | None = None,
+        generation: int = 0,
+        offline_seed: int = 0,
     ) -> None:
-        """Use these pseudo-labels for the next fits (``None``: labeled data only)."""
+        """Use these pseudo-labels for the next fits (``None``: labeled data only); ``offline_noise``: serve
+        every pseudo-labeled item as an offline augmented copy (see :class:`SelfTrainingSet`)."""
         self.pseudo = pseudo
         self.im_value = self.dataset.ignore_index if im_value is None else im_value
         self.strong_probability = strong_probability
+        self.offline_noise = offline_noise
+        self.generation = generation
+        self.offline_seed = offline_seed
+
+    def denormalise(self, image: torch.Tensor) -> np.ndarray:
+        """An evaluation batch ``(B, C, H, W)`` back to the uint8 images ``(B, H, W, C)`` it was made from."""
+        mean = torch.tensor(self.mean, dtype=image.dtype)[None, :, None, None]
+        std = torch.tensor(self.std, dtype=image.dtype)[None, :, None, None]
+        raw = ((image.cpu() * std + mean) * 255.0).round().clamp(0, 255)
+        return raw.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
     def training_set(self) -> SelfTrainingSet:
         return SelfTrainingSet(
@@ -201,6 +248,9 @@ class SelfTrainingDataModule(SemiSupervisedDataModule):
             im_value=self.im_value,
             strong_probability=self.strong_probability,
             image_size=self.image_size,
+            offline_noise=self.offline_noise,
+            generation=self.generation,
+            offline_seed=self.offline_seed,
         )
 
     def train_dataloader(self) -> CombinedLoader:

@@ -49,13 +49,16 @@ from semiseg.methods.self_training.data import SelfTrainingDataModule
 from semiseg.methods.self_training.evalnet import EvalNetSetting, filter_with_evalnet
 from semiseg.methods.self_training.masks import (
     ENSEMBLE_VOTES,
+    INPUT_ENSEMBLE_MODES,
     MORPH_ORDERS,
     filter_bad_predictions,
     inconsistency_mask,
     input_ensemble_probs,
     model_ensemble,
     morph_mask,
+    random_view_labels,
 )
+from semiseg.methods.self_training.offline_augment import PhotometricNoise, offline_copy_noise
 from semiseg.methods.self_training.pseudo_label_store import PseudoLabels, pseudo_label_quality
 from semiseg.methods.self_training.student import Student
 from semiseg.results import CONFIG_FILE, RESULTS_FILE, SPLIT_FILE, checkpoint_step, number, relative_path, run_identity
@@ -78,6 +81,8 @@ LOOP_KEYS = (
     "labeled_copies",
     "masked_input",
     "noisy_student",
+    "offline_copy",
+    "input_ensemble",
     "evalnet",
     "filter_bad_predictions",
     "ensemble_vote",
@@ -111,6 +116,8 @@ class LoopOptions:
     ensemble_vote: str = "mean"
     morph_order: str = "erode_dilate"
     noisy_student: dict[str, list[float]] | None = None
+    offline_copy: dict[str, Any] | None = None
+    input_ensemble: dict[str, Any] | None = None
     evalnet: dict[str, Any] | None = None
     fast_dev_run: bool = False
 
@@ -151,6 +158,37 @@ class LoopOptions:
                 raise ConfigError(f"method.noisy_student.{key} is unknown; the schedule has {list(NOISY_STUDENT_KEYS)}")
             if value is not None and (not isinstance(value, list | tuple) or len(value) != 2):
                 raise ConfigError(f"method.noisy_student.{key}={value!r} must be [first generation, last generation]")
+        for generation in range(1, self.generations + 1):  # refuse bad tables before any student trains
+            self.offline_noise(generation)
+        self.input_ensemble_views()
+
+    def input_ensemble_views(self) -> tuple[int, PhotometricNoise | None]:
+        """``(views, noise)`` of the input ensemble (``method.input_ensemble``); noise ``None``: the 8 dihedral
+        views (``mode: dihedral``, or no ``method.input_ensemble``)."""
+        settings = dict(self.input_ensemble or {"mode": "dihedral"})
+        mode = settings.pop("mode", "random")
+        check_choice("method.input_ensemble.mode", mode, INPUT_ENSEMBLE_MODES)
+        views = settings.pop("num_views", 5)
+        if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+            raise ConfigError(f"method.input_ensemble.num_views={views!r} must be a positive integer (e.g. 3, 5, 7)")
+        if mode == "dihedral":
+            return 8, None
+        try:
+            noise = PhotometricNoise(**{k: tuple(v) if isinstance(v, list | tuple) else v for k, v in settings.items()})
+        except TypeError:
+            raise ConfigError(
+                f"method.input_ensemble has unknown key(s) in {sorted(settings)}; it takes mode, num_views, max_blur, "
+                "max_noise, brightness_alpha, brightness_beta, brightness_prob"
+            ) from None
+        except ConfigError as error:
+            raise ConfigError(f"method.input_ensemble: {error}") from None
+        return views, noise
+
+    def offline_noise(self, generation: int) -> PhotometricNoise | None:
+        """The offline copies' augmentation in ``generation`` (``None``: no offline copies, or generation 0)."""
+        if self.offline_copy is None or generation == 0:
+            return None
+        return offline_copy_noise(self.offline_copy, generation)
 
     def schedule(self, generation: int) -> dict[str, float]:
         """Noisy Student's values in ``generation``: none in generation 0 (the LDT teachers keep the model's own
@@ -283,7 +321,16 @@ class SelfTrainingRun:
             accelerator=str(self.cfg.trainer.get("accelerator", "cpu")),
             device=self.device,
             fast_dev_run=self.options.fast_dev_run,
+            ldt_students=self.ldt_students,
+            binary_threshold=self.options.binary_threshold,
+            background_index=int(self.cfg.evaluation.background_index),
+            seed=int(self.cfg.seed),
         )
+
+    def ldt_students(self) -> list[Any]:
+        """``predict_logits`` of every generation-0 (LDT) student, for EvalNet's training data."""
+        records = sorted((self.output_dir / "generation_0").glob(f"student_*/{STUDENT_FILE}"))
+        return [self.load_student(json.loads(path.read_text())).predict_logits for path in records]
 
     def _device(self) -> torch.device:
         wants_gpu = str(self.cfg.trainer.get("accelerator", "cpu")) in ("gpu", "cuda", "auto")
@@ -352,9 +399,12 @@ class SelfTrainingRun:
 
     # ---- pseudo-labels -------------------------------------------------------------------------------
     @torch.no_grad()
-    def label_unlabeled(self, teachers: list[Student]) -> PseudoLabels:
-        """Run the teachers over the unlabeled images (resized, normalised, not augmented)."""
+    def label_unlabeled(self, teachers: list[Student], generation: int = 1) -> PseudoLabels:
+        """Run the teachers over the unlabeled images (resized, normalised, not augmented; the random input
+        ensemble augments them itself)."""
         options = self.options
+        num_views, view_noise = options.input_ensemble_views()
+        rng = np.random.default_rng([int(self.cfg.seed), generation, 11])
         loader = self.datamodule._loader(
             self.datamodule.part_dataset("unlabeled", views=self.datamodule.eval_views, with_masks=False),
             self.datamodule.batch_size_eval,
@@ -365,6 +415,17 @@ class SelfTrainingRun:
         background = int(self.cfg.evaluation.background_index)
         for batch in loader:
             image = batch["image"].to(self.device)
+            if options.pseudo_labeler == "input_ensemble" and view_noise is not None:  # the best teacher's views
+                raw = self.datamodule.denormalise(batch["image"])
+                normalise = self.datamodule.eval_views._tensor
+                label = torch.stack([torch.from_numpy(random_view_labels(teachers[0].predict_logits, picture, normalise,
+                                     view_noise, num_views, rng, options.binary_threshold, self.device))
+                                     for picture in raw])  # fmt: skip
+                kept.append(torch.ones(image.shape[0], dtype=torch.bool))
+                ids += list(batch["id"])
+                labels.append(label.to(torch.uint8))
+                masks.append(torch.zeros_like(label, dtype=torch.bool))
+                continue
             if options.pseudo_labeler == "input_ensemble":
                 probs = torch.stack([input_ensemble_probs(t.predict_logits, image) for t in teachers])
             else:
@@ -424,7 +485,7 @@ class SelfTrainingRun:
         if path.is_file() and summary_path.is_file():
             return PseudoLabels.load(path), json.loads(summary_path.read_text())
         teachers = [self.load_student(record) for record in teacher_records]
-        pseudo = self.label_unlabeled(teachers)
+        pseudo = self.label_unlabeled(teachers, generation)
         summary: dict[str, Any] = {"labeler": self.options.pseudo_labeler, "images": len(pseudo)}
         if self.options.evalnet:
             summary["evalnet"] = filter_with_evalnet(self.evalnet_setting(), self.options.evalnet, pseudo)
@@ -451,7 +512,14 @@ class SelfTrainingRun:
             else:
                 pseudo, summary = self.pseudo_labels(generation, teachers)
                 im_value = masked_label_value(self.cfg)
-                self.datamodule.set_pseudo_labels(pseudo, im_value, schedule.get("strong_augmentation_prob", 0.0))
+                self.datamodule.set_pseudo_labels(
+                    pseudo,
+                    im_value,
+                    schedule.get("strong_augmentation_prob", 0.0),
+                    offline_noise=options.offline_noise(generation),
+                    generation=generation,
+                    offline_seed=int(self.cfg.seed),
+                )
                 log.info(
                     "generation %d pseudo-labels: coverage %.4f, kept %s/%s, IoU vs hidden ground truth %s",
                     generation, summary["coverage"], summary["kept"], summary["images"],

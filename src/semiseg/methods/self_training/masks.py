@@ -12,18 +12,23 @@ Every function works on a batch of teacher outputs; nothing here trains.
   dilation/erosion of the mask.
 * **Model ensemble**: the argmax of the teachers' mean softmax (binary: optionally the official unanimous vote);
   nothing is masked.
-* **Input ensemble** (test-time augmentation): the argmax of one teacher's mean softmax over the eight
-  flips/rotations of the image, each mapped back; nothing is masked.
+* **Input ensemble** (test-time augmentation), nothing masked: ``dihedral``, the argmax of one teacher's mean
+  softmax over the eight flips/rotations of the image, each mapped back; or ``random`` (the official
+  ``use_n_rnd_transformations``): ``n`` views, each a random flip/turn (from the 12 with a quarter, half or
+  three-quarter turn, drawn with replacement) plus blur, noise and brightness; each view's hard labels are mapped
+  back; binary: foreground only where every view votes it (unanimous), multiclass: the most frequent label.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from semiseg.errors import ConfigError
+from semiseg.methods.self_training.offline_augment import PhotometricNoise, apply_geometry, photometric
 
 
 def binary_inconsistency_mask(
@@ -184,3 +189,60 @@ def input_ensemble_probs(
         total = probs if total is None else total + probs
     assert total is not None
     return total / len(transforms)
+
+
+def hard_labels(logits: torch.Tensor, binary_threshold: float = 0.5) -> torch.Tensor:
+    """``logits (B, K, H, W)`` -> ``(B, H, W)`` uint8 votes: foreground where its probability is above
+    ``binary_threshold`` (``K == 2``), else the argmax."""
+    if logits.shape[1] == 2:
+        return (logits.softmax(dim=1)[:, 1] > binary_threshold).to(torch.uint8)
+    return logits.argmax(dim=1).to(torch.uint8)
+
+
+INPUT_ENSEMBLE_MODES = ("random", "dihedral")
+# the official random views: (vertical flip, horizontal flip, clockwise quarter turns 1..3)
+RANDOM_VIEW_GEOMETRIES = tuple((v, h, t) for v in (False, True) for h in (False, True) for t in (1, 2, 3))
+
+
+def undo_geometry(array: np.ndarray, vertical: bool, horizontal: bool, turns: int) -> np.ndarray:
+    """The inverse of :func:`apply_geometry` on ``array (H, W[, ...])``."""
+    array = np.rot90(array, k=turns, axes=(0, 1))
+    if horizontal:
+        array = array[:, ::-1]
+    if vertical:
+        array = array[::-1]
+    return np.ascontiguousarray(array)
+
+
+def vote_of_views(view_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``view_labels (n, H, W)`` hard labels -> ``(H, W)``: binary (``num_classes == 2``) foreground only where
+    every view votes it (the official ``mask_sum >= n``), else the most frequent label (ties: the lowest index,
+    as ``np.argmax(np.bincount(...))``)."""
+    if num_classes == 2:
+        return (view_labels == 1).all(axis=0).astype(np.int64)
+    counts = np.stack([(view_labels == k).sum(axis=0) for k in range(num_classes)])
+    return counts.argmax(axis=0).astype(np.int64)
+
+
+@torch.no_grad()
+def random_view_labels(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    image: np.ndarray,
+    normalise: Callable[[np.ndarray], torch.Tensor],
+    noise: PhotometricNoise,
+    num_views: int,
+    rng: np.random.Generator,
+    binary_threshold: float = 0.5,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """The official random input ensemble of one ``image (H, W, C)`` uint8 -> labels ``(H, W)`` int64.
+
+    On a non-square image only the half turn keeps the shape, so every view is turned by 180°."""
+    height, width = image.shape[:2]
+    geometries = RANDOM_VIEW_GEOMETRIES if height == width else tuple(g for g in RANDOM_VIEW_GEOMETRIES if g[2] == 2)
+    chosen = [geometries[int(rng.integers(len(geometries)))] for _ in range(num_views)]
+    views = [photometric(apply_geometry(image, *geometry), noise, rng) for geometry in chosen]
+    logits = predict(torch.stack([normalise(view) for view in views]).to(device))
+    hard = hard_labels(logits, binary_threshold).cpu().numpy()
+    restored = np.stack([undo_geometry(h, *g) for h, g in zip(hard, chosen, strict=True)])
+    return vote_of_views(restored, int(logits.shape[1]))

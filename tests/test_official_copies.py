@@ -3,13 +3,15 @@ the LDT students' predictions, and its scoring of blacked-out pseudo-labels, on 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from semiseg.errors import ConfigError
 from semiseg.methods.self_training.data import SelfTrainingSet
-from semiseg.methods.self_training.driver import SelfTrainingRun
+from semiseg.methods.self_training.driver import SelfTrainingRun, student_config
 from semiseg.methods.self_training.evalnet import (
     EVALNET_DEFAULTS,
     label_iou,
@@ -32,6 +34,8 @@ from semiseg.methods.self_training.offline_augment import (
     offline_copy_noise,
 )
 from semiseg.methods.self_training.pseudo_label_store import PseudoLabels
+from semiseg.methods.self_training.student import ConsistencyStudent
+from semiseg.runner import build_module
 
 GEOMETRY_ONLY = PhotometricNoise(max_blur=0, max_noise=0, brightness_prob=0.0)
 
@@ -267,3 +271,61 @@ def test_denormalise_recovers_the_evaluation_images(make_cfg) -> None:
     resized = np.asarray(datamodule.eval_views.geometry(image=image)["image"])
     tensor = datamodule.eval_views._tensor(resized)[None]
     assert (datamodule.denormalise(tensor)[0] == resized.reshape(datamodule.denormalise(tensor)[0].shape)).all()
+
+
+# ---- the official Consistency Loss: fine-tune the best LDT student in alternating passes --------------------
+def consistency_module(make_cfg, tmp_path, *overrides: str) -> ConsistencyStudent:  # type: ignore[no-untyped-def]
+    cfg = make_cfg("method=consistency_loss", "model=im_unet", "model.width_multiplier=0.25", *overrides)
+    return build_module(student_config(cfg, tmp_path / "student", {}))
+
+
+def test_alternating_passes_use_one_loss_each(make_cfg, tmp_path, monkeypatch) -> None:
+    module = consistency_module(make_cfg, tmp_path)
+    assert isinstance(module, ConsistencyStudent) and module.schedule == "alternating"
+    module.cycle = (2, 3)
+    step = [0]
+    monkeypatch.setattr(ConsistencyStudent, "global_step", property(lambda self: step[0]))
+    labeled = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 2, (2, 32, 32))}
+    unlabeled = {key: torch.randn(2, 3, 32, 32) for key in ("image", "image_strong", "image_strong2")}
+    phases = []
+    for step[0] in range(7):
+        _, terms = module.training_losses(labeled, unlabeled)
+        phases.append(int(terms["consistency_phase"]))
+        assert ("loss_sup" in terms) != ("loss_unsup" in terms)  # one loss per step, never both
+    assert phases == [0, 0, 1, 1, 1, 0, 0]
+
+
+def test_consistency_views_pick_the_two_strong_copies(make_cfg, tmp_path) -> None:
+    module = consistency_module(make_cfg, tmp_path).eval()
+    same = torch.randn(2, 3, 32, 32)
+    batch = {"image": torch.randn(2, 3, 32, 32), "image_strong": same, "image_strong2": same.clone()}
+    assert float(module.unsupervised_loss(batch, {})[0]) == 0.0  # strong_strong: the two strong copies agree
+    module.views = "weak_strong"
+    assert float(module.unsupervised_loss(batch, {})[0]) > 0.0
+
+
+def test_init_weights_are_loaded_when_fitting_starts(make_cfg, tmp_path) -> None:
+    source = consistency_module(make_cfg, tmp_path)
+    path = tmp_path / "model.pt"
+    torch.save(source.state_dict(), path)
+    target = consistency_module(make_cfg, tmp_path, f"+method.init_weights={path}")
+    assert not all(torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters(), strict=True))
+    target.setup("fit")
+    assert all(torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters(), strict=True))
+    with pytest.raises(Exception, match="no such file"):  # a ConfigError, wrapped by Hydra's instantiate
+        consistency_module(make_cfg, tmp_path, f"+method.init_weights={tmp_path / 'missing.pt'}")
+
+
+def test_consistency_run_finetunes_the_best_ldt_student(make_cfg, tmp_path) -> None:
+    cfg = make_cfg("method=consistency_loss", "model=im_unet", "model.width_multiplier=0.25",
+                   "method.students_per_generation=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                   "callbacks.prediction_overlays.every_n_validations=0")  # fmt: skip
+    run = SelfTrainingRun(cfg)
+    results = run.run()
+    assert [g["pseudo_labels"] for g in results["generations"]] == [None, None]  # no pseudo-labels
+    best = results["generations"][0]["best_student"]
+    for index in range(2):
+        record = json.loads((tmp_path / "run" / "generation_1" / f"student_{index}" / "student.json").read_text())
+        assert record["method_overrides"]["init_weights"].endswith(f"generation_0/student_{best}/model.pt")
+    first = json.loads((tmp_path / "run" / "generation_0" / "student_0" / "student.json").read_text())
+    assert first["method_overrides"] == {"consistency_weight": 0.0}

@@ -67,7 +67,7 @@ from semiseg.runner import apply_performance, build_module, fit_and_test
 
 log = logging.getLogger("semiseg.self_training")
 
-PSEUDO_LABELERS = ("inconsistency_mask", "model_ensemble", "input_ensemble", "single")
+PSEUDO_LABELERS = ("inconsistency_mask", "model_ensemble", "input_ensemble", "single", "none")
 # keys of the method config that configure the loop, not the student module
 LOOP_KEYS = (
     "driver",
@@ -84,6 +84,7 @@ LOOP_KEYS = (
     "offline_copy",
     "input_ensemble",
     "evalnet",
+    "finetune_best",
     "filter_bad_predictions",
     "ensemble_vote",
     "morph_order",
@@ -118,6 +119,7 @@ class LoopOptions:
     noisy_student: dict[str, list[float]] | None = None
     offline_copy: dict[str, Any] | None = None
     input_ensemble: dict[str, Any] | None = None
+    finetune_best: bool = False
     evalnet: dict[str, Any] | None = None
     fast_dev_run: bool = False
 
@@ -204,6 +206,15 @@ class LoopOptions:
             if ends is not None
         }
 
+    def start(self, generation: int, teachers: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+        """``finetune_best`` (the official Consistency Loss): generation 0 trains without the consistency term
+        (the LDT students), later students start from the best previous student's weights."""
+        if not self.finetune_best:
+            return {}
+        if generation == 0:
+            return {"consistency_weight": 0.0}
+        return {"init_weights": str(run_dir / teachers[0]["weights"])}
+
 
 def student_seed(seed: int, generation: int, index: int) -> int:
     """A distinct, reproducible seed for every student of every generation."""
@@ -236,10 +247,11 @@ def scheduled_dropout_keys(cfg: DictConfig) -> list[str]:
 
 
 def student_config(
-    cfg: DictConfig, output_dir: Path, schedule: Mapping[str, float], seed: int | None = None
+    cfg: DictConfig, output_dir: Path, schedule: Mapping[str, Any], seed: int | None = None
 ) -> DictConfig:
     """The config of one student: the run's, with its own output dir and ``seed`` (default: the run's), the loop
-    keys removed and Noisy Student's width, dropout and input noise applied."""
+    keys removed, Noisy Student's width, dropout and input noise applied, and ``init_weights`` /
+    ``consistency_weight`` of :meth:`LoopOptions.start` set."""
     student = copy.deepcopy(cfg)
     with open_dict(student):
         student.paths.output_dir = str(output_dir)
@@ -261,8 +273,9 @@ def student_config(
         if "dropout" in schedule:
             for key in scheduled_dropout_keys(cfg):
                 student.model[key] = schedule["dropout"]
-        if "input_noise_std" in schedule:
-            student.method.input_noise_std = schedule["input_noise_std"]
+        for key in ("input_noise_std", "init_weights", "consistency_weight"):
+            if key in schedule:
+                student.method[key] = schedule[key]
     return student
 
 
@@ -337,7 +350,7 @@ class SelfTrainingRun:
         return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
     # ---- one student ----------------------------------------------------------------------------------
-    def train_student(self, generation: int, index: int, schedule: Mapping[str, float]) -> dict[str, Any]:
+    def train_student(self, generation: int, index: int, schedule: Mapping[str, Any]) -> dict[str, Any]:
         """Train (or reload, or resume) student ``index`` of ``generation``; return its record."""
         folder = self.output_dir / f"generation_{generation}" / f"student_{index}"
         record_path = folder / STUDENT_FILE
@@ -381,7 +394,8 @@ class SelfTrainingRun:
         """The trained network of a student record, in eval mode on the labelling device (with the fast paths
         it was trained with, so that the saved weights' names match)."""
         folder = self.output_dir / f"generation_{record['generation']}" / f"student_{record['student']}"
-        cfg = student_config(self.cfg, folder, record.get("method_overrides", {}), record["seed"])
+        overrides = {k: v for k, v in record.get("method_overrides", {}).items() if k != "init_weights"}
+        cfg = student_config(self.cfg, folder, overrides, record["seed"])
         module = apply_performance(build_module(cfg), cfg.get("performance"))
         module.load_state_dict(torch.load(self.output_dir / record["weights"], map_location="cpu"))
         return module.to(self.device).eval()
@@ -505,9 +519,9 @@ class SelfTrainingRun:
         teachers: list[dict[str, Any]] = []
         best: dict[str, Any] = {}
         for generation in range(options.generations + 1):
-            schedule = options.schedule(generation)
+            schedule = {**options.schedule(generation), **options.start(generation, teachers, self.output_dir)}
             summary: dict[str, Any] | None = None
-            if generation == 0:
+            if generation == 0 or options.pseudo_labeler == "none":
                 self.datamodule.set_pseudo_labels(None)
             else:
                 pseudo, summary = self.pseudo_labels(generation, teachers)

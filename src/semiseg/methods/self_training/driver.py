@@ -5,17 +5,18 @@ Generation 0 trains ``students_per_generation`` students from scratch on the lab
 ``labeled_copies`` augmented copies of each: ALDT/AIM). Every later generation ``g``:
 
 1. the best ``num_teachers`` students of generation ``g-1`` (by the validation metric) label the unlabeled
-   images offline (``pseudo_labeler``: ``inconsistency_mask``, ``model_ensemble``, ``input_ensemble`` or
-   ``single``); EvalNet, when configured, drops pseudo-labels whose predicted IoU is not above its
-   threshold and may add augmented copies of the confident ones;
-2. ``students_per_generation`` students are trained from scratch (each a normal Lightning fit of the
-   method's module) on the labeled ground truth plus the pseudo-labels.
+   images offline (``pseudo_labeler``: ``inconsistency_mask``, ``model_ensemble``, ``input_ensemble``,
+   ``single``, or ``none``); EvalNet, when configured, scores them and sets how many copies of each enter the
+   training set; with ``offline_copy`` every pseudo-labeled item is a fixed augmented copy;
+2. ``students_per_generation`` students are trained from scratch (or, with ``finetune_best``, from the best
+   previous student's weights; each a normal Lightning fit of the method's module) on the labeled ground truth
+   plus the pseudo-labels.
 
 Run directory::
 
     split.json  config.yaml  results.json         # results.json gains a "generations" list
     generations.csv                               # one row per finished generation
-    evalnet/model.pt evalnet/evalnet.json         # IM++ / AIM++ only
+    evalnet/model_<i>.pt evalnet/evalnet.json     # IM++ / AIM++ only
     generation_<g>/pseudo_labels.npz              # g > 0: ids, labels, masks, copies, scores
     generation_<g>/pseudo_labels.json             # coverage, IoU vs the hidden ground truth (diagnostic)
     generation_<g>/student_<j>/{checkpoints/, csv/, config.yaml, model.pt, student.json}

@@ -8,6 +8,9 @@
 #
 # usage: SEMISEG_DATA_DIR=/path/holding/NEU_data experiments/evidence/sweep.sh [RUNS_DIR]
 #   METHODS_A="supervised uaps" SEEDS_A="0 1 2 3 4" METHODS_B="mean_teacher cps fixmatch unimatch" SEEDS_B="0 1 2"
+#   THREADS=1: torch threads a run (default: all cores). On 2 cores, two instances with THREADS=1 over disjoint
+#   method/seed lists (the joblib shape, 1.71x the throughput of one 2-thread job: README "Performance") share
+#   RUNS_DIR and the records; the report step holds a lock, so neither loses the other's record.
 #   `touch RUNS_DIR/pause` holds the sweep before its next run (e.g. to free the CPU for a benchmark); rm to go on
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +23,7 @@ METHODS_A="${METHODS_A:-supervised uaps}"
 SEEDS_A="${SEEDS_A:-0 1 2 3 4}"
 METHODS_B="${METHODS_B:-mean_teacher cps fixmatch unimatch}"
 SEEDS_B="${SEEDS_B:-0 1 2}"
+THREADS="${THREADS:-auto}"
 
 recorded() {  # method seed: is the run in the records?
   [ -f "$RECORDS" ] && "$PYTHON" - "$RECORDS" "$1" "$2" <<'PY'
@@ -36,10 +40,13 @@ run_one() {  # method seed
   if recorded "$1" "$2"; then echo "in $RECORDS already: $name"; return; fi
   echo "$(date -u +%FT%TZ) start $name"
   "$PYTHON" -m semiseg.train experiment=evidence_neu_cpu "method=$1" "seed=$2" data.num_workers=0 \
-    logger=csv resume=true "hydra.run.dir=$dir"
-  local sources=("$dir")
-  if [ -f "$RECORDS" ]; then sources=("$RECORDS" "$dir"); fi
-  "$PYTHON" -m semiseg.report "${sources[@]}" --out "$EVIDENCE_DIR/report" --save-records "$RECORDS" > /dev/null
+    "num_threads=$THREADS" logger=csv resume=true "hydra.run.dir=$dir"
+  (
+    flock 9  # one report at a time: each reads the records, adds its run and rewrites them
+    local sources=("$dir")
+    if [ -f "$RECORDS" ]; then sources=("$RECORDS" "$dir"); fi
+    "$PYTHON" -m semiseg.report "${sources[@]}" --out "$EVIDENCE_DIR/report" --save-records "$RECORDS" > /dev/null
+  ) 9> "$RUNS_DIR/.records.lock"
   echo "$(date -u +%FT%TZ) done $name"
 }
 

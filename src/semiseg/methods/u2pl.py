@@ -484,7 +484,6 @@ class U2PL(SemiSupervisedModule):
         self.teacher_copy_steps = int(teacher_copy_steps)
         self.contrastive_normalization = contrastive_normalization
         self._joint: _JointPass | None = None
-        self._last_ema_decay = 0.0
         super().__init__(**base)
         self.low_rank, self.high_rank = self.effective_ranks(low_rank, high_rank, self.num_classes)
 
@@ -563,9 +562,12 @@ class U2PL(SemiSupervisedModule):
         step = self.semi_supervised_step() - 1  # the step just taken
         if step < 0:
             return
-        copying = step < self.teacher_copy_steps
-        self._last_ema_decay = 0.0 if copying else ramped_ema_decay(step, self.ema_decay)
-        self.teacher.update(self.net, self._last_ema_decay)
+        self.teacher.update(self.net, self.teacher_decay(step))
+
+    def teacher_decay(self, step: int) -> float:
+        """The EMA decay of the teacher update after semi-supervised step ``step``: 0 (a copy) during
+        ``teacher_copy_steps``, then ``min(1 - 1/(step + 1), ema_decay)``."""
+        return 0.0 if step < self.teacher_copy_steps else ramped_ema_decay(step, self.ema_decay)
 
     # ---- losses -------------------------------------------------------------------------------
     def training_losses(self, labeled: Batch, unlabeled: Batch | None) -> tuple[torch.Tensor, LossTerms]:
@@ -695,5 +697,6 @@ class U2PL(SemiSupervisedModule):
             )
         else:
             loss = loss + joint.representation.sum() * 0.0  # keep the head in the graph
-        terms["ema_decay"] = torch.tensor(self._last_ema_decay)
+        # the decay of this step's teacher update, from the step alone (a resumed run logs what the run would)
+        terms["ema_decay"] = torch.tensor(self.teacher_decay(self.semi_supervised_step()))
         return loss, terms

@@ -143,3 +143,15 @@ def test_suggest_with_the_method_score_on_crops_and_a_folder(runs: dict[str, Pat
     assert summary["num_images"] == 3 and len(summary["top"]) == 2
     assert {row["method_measure"] for row in rows} == {"decoders"}
     assert all(float(row["method"]) >= 0 and float(row["score"]) == pytest.approx(float(row["method"])) for row in rows)
+
+
+def test_member_disagreement_is_the_mean_kl_by_hand() -> None:
+    """Two members, one pixel: p1 = (0.9, 0.1), p2 = (0.5, 0.5), p̄ = (0.7, 0.3); the score is the mean of
+    KL(p̄ ‖ p1) and KL(p̄ ‖ p2) (it once received probabilities where log-probabilities belong)."""
+    first = torch.tensor([0.9, 0.1]).log().view(1, 2, 1, 1)
+    second = torch.tensor([0.5, 0.5]).log().view(1, 2, 1, 1)
+    members = suggest_app.Members("pair", 2, lambda x: [first, second], lambda x, k: [first, second][k])
+    score = suggest_app.member_disagreement(members, torch.zeros(1, 1, 1, 1), None)
+    kl_first = 0.7 * math.log(0.7 / 0.9) + 0.3 * math.log(0.3 / 0.1)
+    kl_second = 0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5)
+    assert float(score) == pytest.approx((kl_first + kl_second) / 2, rel=1e-5)

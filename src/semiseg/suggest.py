@@ -178,8 +178,8 @@ def member_disagreement(members: Members, image: torch.Tensor, window: Any) -> t
         outputs = members.all(image)
     else:
         outputs = [window(lambda x, k=k: members.one(x, k), image) for k in range(members.count)]
-    probabilities = torch.stack([logits.float().softmax(dim=1) for logits in outputs])
-    return decoder_uncertainty(probabilities).mean(dim=0)
+    log_probabilities = torch.stack([logits.float().log_softmax(dim=1) for logits in outputs])
+    return decoder_uncertainty(log_probabilities).mean(dim=0)
 
 
 def encoder_of(module: Any) -> nn.Module | None:

@@ -457,6 +457,9 @@ def evalnet_data(setting: EvalNetSetting, options: Mapping[str, Any]) -> tuple[D
     classes = (setting.num_classes, setting.ignore_index, setting.background_index)
     for part, loops in (("labeled", int(options["num_loops"])), ("val", int(options["num_loops_val"]))):
         images, truths = resized_part(datamodule, part)
+        if not images:  # e.g. no validation images: every EvalNet scores a validation MAE of 0
+            parts.append(EvalNetSamples([], normalise, setting.num_classes))
+            continue
         votes = ldt_votes(predictors, images, normalise, setting.device, setting.binary_threshold)
         samples = [
             ldt_sample(image, truth, votes[:, index], rng, options, *classes)

@@ -214,31 +214,31 @@ class UAPS(SemiSupervisedModule):
 
     def pseudo_supervision(
         self,
-        log_probabilities: torch.Tensor,
-        probabilities: torch.Tensor,
+        log_probabilities: Sequence[torch.Tensor],
+        probabilities: Sequence[torch.Tensor],
         pseudo_label: torch.Tensor,
-        certainty: torch.Tensor | None,
+        certainty: Sequence[torch.Tensor] | None,
     ) -> torch.Tensor:
         """Mean over decoders of ``0.5 (CE + Dice)(logits_k, ŷ)``, weighted by ``certainty = exp(−u)`` if given.
 
         Args:
-            log_probabilities: ``(K, B, C, H, W)`` log-softmax of the K decoders (shared with the uncertainty).
-            probabilities: ``(K, B, C, H, W)``, its ``exp``.
+            log_probabilities: K tensors ``(B, C, H, W)``, the log-softmax of each decoder (shared with the
+                uncertainty); a ``(K, B, C, H, W)`` tensor works too. Separate tensors are faster: the backward of
+                indexing a stacked tensor fills a zero tensor of the whole stack for every index.
+            probabilities: their ``exp``, alike.
             pseudo_label: ``(B, H, W)``.
-            certainty: ``(K, B, H, W)`` or ``None`` (plain pseudo-supervision ℓps).
+            certainty: K tensors ``(B, H, W)`` (or ``(K, B, H, W)``), or ``None`` (plain pseudo-supervision ℓps).
         """
+        weights: Sequence[torch.Tensor | None] = [None] * len(log_probabilities) if certainty is None else certainty
         losses = []
-        for k in range(log_probabilities.shape[0]):
-            log_p, p = log_probabilities[k], probabilities[k]
-            if certainty is None:
+        for log_p, p, weight in zip(log_probabilities, probabilities, weights, strict=True):
+            if weight is None:
                 losses.append(self.seg_loss_from_log_probabilities(log_p, pseudo_label, probabilities=p))
             elif self.uncertainty_weighting == "pixel":
-                losses.append(
-                    self.seg_loss_from_log_probabilities(log_p, pseudo_label, weight=certainty[k], probabilities=p)
-                )
+                losses.append(self.seg_loss_from_log_probabilities(log_p, pseudo_label, weight=weight, probabilities=p))
             else:  # batch: a batch-mean loss times the mean certainty (no per-pixel weighting)
                 loss = self.seg_loss_from_log_probabilities(log_p, pseudo_label, probabilities=p)
-                losses.append(loss * certainty[k].mean())
+                losses.append(loss * weight.mean())
         return torch.stack(losses).mean()
 
     def diagnostic_pseudo_labels(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,19 +254,19 @@ class UAPS(SemiSupervisedModule):
         active = self.use_ups or self.use_un or self.use_ps
         with torch.set_grad_enabled(active and torch.is_grad_enabled()):
             logits = self.net.forward_all(unlabeled["image"])
-            log_probabilities = torch.stack([item.log_softmax(dim=1) for item in logits])  # (K, B, C, H, W)
-            probabilities = log_probabilities.exp()
-            uncertainty = decoder_uncertainty(log_probabilities)  # (K, B, H, W)
-            weights = mixing_weights(len(logits), self.mixing, device=probabilities.device)
-            pseudo_label = mixed_pseudo_label(probabilities, weights)
-            zero = probabilities.new_zeros(())
+            log_probabilities = [item.log_softmax(dim=1) for item in logits]  # K x (B, C, H, W)
+            probabilities = [item.exp() for item in log_probabilities]
+            uncertainty = decoder_uncertainty(torch.stack(log_probabilities))  # (K, B, H, W)
+            weights = mixing_weights(len(logits), self.mixing, device=uncertainty.device)
+            pseudo_label = mixed_pseudo_label(torch.stack([item.detach() for item in probabilities]), weights)
+            zero = uncertainty.new_zeros(())
             loss_un = uncertainty.mean(dim=(1, 2, 3)).mean() if self.use_un else zero
             loss_ups = zero
             if self.use_ups:
                 certainty = torch.exp(-uncertainty)
                 if self.detach_uncertainty_weights:
                     certainty = certainty.detach()
-                loss_ups = self.pseudo_supervision(log_probabilities, probabilities, pseudo_label, certainty)
+                loss_ups = self.pseudo_supervision(log_probabilities, probabilities, pseudo_label, certainty.unbind(0))
             loss_ps = (
                 self.pseudo_supervision(log_probabilities, probabilities, pseudo_label, None) if self.use_ps else zero
             )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from semiseg import active_learning
 from semiseg.active_learning import ActiveLearningSettings, reveal
 from semiseg.data.split import Split
 from semiseg.errors import ConfigError
@@ -64,3 +65,27 @@ def test_a_two_round_simulation_picks_reveals_and_retrains(make_cfg, tmp_path: P
     (run / "round_0" / "weights.pt").unlink()
     again = train(cfg)
     assert again["curves"] == summary["curves"]
+
+
+def fake_summary(seed: int, suggest: list[float], random: list[float]) -> dict:
+    def points(values: list[float]) -> list[dict]:
+        return [{"round": r, "labeled": 10 + 5 * r, "test/mIoU": v} for r, v in enumerate(values)]
+
+    return {"method": "supervised", "dataset": "neu", "k": 5, "seed": seed,
+            "curves": {"suggest": points(suggest), "random": points(random)}}  # fmt: skip
+
+
+def test_curves_over_seeds_by_hand(tmp_path: Path) -> None:
+    for seed, suggest, random in ((0, [0.2, 0.5], [0.2, 0.4]), (1, [0.4, 0.6], [0.4, 0.3])):
+        folder = tmp_path / "sweep" / str(seed)
+        folder.mkdir(parents=True)
+        (folder / "active_learning.json").write_text(json.dumps(fake_summary(seed, suggest, random)))
+    rows = active_learning.write_summary([tmp_path / "sweep"], tmp_path / "out")
+    by_key = {(r["strategy"], r["round"]): r for r in rows}
+    last = by_key[("suggest", 1)]
+    assert last["labeled"] == 15 and last["test_mIoU_mean"] == 0.55 and last["seeds"] == "0 1"
+    assert last["test_mIoU_std"] == pytest.approx(0.0707, abs=1e-4)  # sample std of 0.5 and 0.6
+    assert last["delta_vs_random"] == 0.2 and last["delta_vs_random_per_seed"] == "+0.1000 +0.3000"
+    assert by_key[("random", 1)]["delta_vs_random"] is None
+    assert (tmp_path / "out" / "curve.csv").is_file() and (tmp_path / "out" / "curve_supervised_neu.png").is_file()
+    assert active_learning.main([str(tmp_path / "empty"), "--out", str(tmp_path / "o2")]) == 2

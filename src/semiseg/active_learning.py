@@ -17,6 +17,11 @@ as ``round_0/``), ``active_learning.json`` and ``active_learning.csv`` (per stra
 test mIoU, the picked ids) and ``active_learning.png`` (test mIoU against the number of labeled images, one line
 per strategy). A finished round is reused when the command is run again with the same ``hydra.run.dir``.
 With ``trainer.fast_dev_run`` the loop stops after one reveal per strategy (a check of the pipeline).
+
+Over seeds: ``python -m semiseg.active_learning DIR [DIR ...] --out OUT`` reads every ``active_learning.json``
+under the folders and writes ``OUT/curve.csv`` (per method, dataset, strategy and round: labeled images, mean and
+sample std of test mIoU, seeds, and the seed-paired difference to ``random``) and ``OUT/curve.png`` (mean ± std
+against labeled images, one line per strategy).
 """
 
 from __future__ import annotations
@@ -233,7 +238,8 @@ class ActiveLearningRun:
 
 
 def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, title: str) -> None:
-    """Test mIoU against the number of labeled images, one line per strategy."""
+    """Test mIoU against the number of labeled images, one line per strategy (a band of ± ``test/mIoU_std``
+    where the points carry it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,7 +249,10 @@ def plot_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]], path: Path, t
     for strategy, points in curves.items():
         xs = [p["labeled"] for p in points]
         ys = [np.nan if p["test/mIoU"] is None else p["test/mIoU"] for p in points]
-        axis.plot(xs, ys, marker="o", label=strategy)
+        line = axis.plot(xs, ys, marker="o", label=strategy)[0]
+        if all(p.get("test/mIoU_std") is not None for p in points):
+            spread = np.asarray([p["test/mIoU_std"] for p in points], dtype=float)
+            axis.fill_between(xs, np.asarray(ys) - spread, np.asarray(ys) + spread, color=line.get_color(), alpha=0.2)
     axis.set_xlabel("labeled images")
     axis.set_ylabel("test mIoU")
     axis.set_title(title)
@@ -262,3 +271,84 @@ def run_active_learning(cfg: DictConfig) -> dict[str, Any]:
             f"method={cfg.method.name} runs its own generation loop; active learning needs a per-step method"
         )
     return ActiveLearningRun(cfg).run()
+
+
+def load_summaries(folders: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every ``active_learning.json`` under ``folders`` (a folder may be a run dir or hold many)."""
+    paths = sorted({p for folder in folders for p in Path(folder).rglob(REPORT_JSON)})
+    if not paths:
+        raise ConfigError(f"no {REPORT_JSON} under {[str(f) for f in folders]}; give the run (or sweep) folders")
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def summarize(summaries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows per (method, dataset, k, strategy, round): labeled images, mean and sample std of test mIoU over the
+    seeds, the seeds, and the mean seed-paired difference to the ``random`` strategy at the same round."""
+    groups: dict[tuple, dict[int, float]] = {}
+    labeled: dict[tuple, list[int]] = {}
+    for summary in summaries:
+        for strategy, points in summary["curves"].items():
+            for point in points:
+                key = (summary["method"], summary["dataset"], summary["k"], strategy, point["round"])
+                if point.get("test/mIoU") is not None:
+                    groups.setdefault(key, {})[int(summary["seed"])] = float(point["test/mIoU"])
+                    labeled.setdefault(key, []).append(int(point["labeled"]))
+    rows = []
+    for key in sorted(groups):
+        method, dataset, k, strategy, round_index = key
+        values = groups[key]
+        scores = np.asarray(list(values.values()))
+        baseline = groups.get((method, dataset, k, "random", round_index), {})
+        paired = [values[seed] - baseline[seed] for seed in values if seed in baseline]
+        rows.append({
+            "method": method, "dataset": dataset, "k": k, "strategy": strategy, "round": round_index,
+            "labeled": int(np.mean(labeled[key])), "test_mIoU_mean": round(float(scores.mean()), 4),
+            "test_mIoU_std": round(float(scores.std(ddof=1)), 4) if len(scores) > 1 else None,
+            "seeds": " ".join(str(seed) for seed in sorted(values)),
+            "delta_vs_random": round(float(np.mean(paired)), 4) if paired and strategy != "random" else None,
+            "delta_vs_random_per_seed": " ".join(f"{d:+.4f}" for d in paired) if strategy != "random" else "",
+        })  # fmt: skip
+    return rows
+
+
+def write_summary(folders: Sequence[Path], out: Path) -> list[dict[str, Any]]:
+    """``curve.csv`` and one ``curve_<method>_<dataset>.png`` per method and dataset in ``out``."""
+    rows = summarize(load_summaries(folders))
+    out.mkdir(parents=True, exist_ok=True)
+    predict.write_csv(out / "curve.csv", rows)
+    for method, dataset in sorted({(r["method"], r["dataset"]) for r in rows}):
+        curves: dict[str, list[dict[str, Any]]] = {}
+        for row in (r for r in rows if (r["method"], r["dataset"]) == (method, dataset)):
+            curves.setdefault(row["strategy"], []).append(
+                {"labeled": row["labeled"], "test/mIoU": row["test_mIoU_mean"], "test/mIoU_std": row["test_mIoU_std"]}
+            )
+        seeds = max(len(r["seeds"].split()) for r in rows if (r["method"], r["dataset"]) == (method, dataset))
+        plot_curves(
+            curves, out / f"curve_{method}_{dataset}.png", f"{method} on {dataset}, mean ± std of {seeds} seeds"
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Active-learning curves over seeds (mean ± std, paired vs random)")
+    parser.add_argument("folders", nargs="+", type=Path, help="run or sweep folders holding active_learning.json")
+    parser.add_argument("--out", type=Path, required=True, help="folder for curve.csv and the plots")
+    args = parser.parse_args(argv)
+    try:
+        rows = write_summary(args.folders, args.out)
+    except ConfigError as error:
+        print(f"error: {error}", flush=True)
+        return 2
+    for row in rows:
+        print(
+            f"{row['method']} {row['dataset']} {row['strategy']:8s} round {row['round']} labeled {row['labeled']:4d} "
+            f"test mIoU {row['test_mIoU_mean']:.4f} ± {row['test_mIoU_std']} (seeds {row['seeds']})"
+            + (f"  Δ vs random {row['delta_vs_random']:+.4f}" if row["delta_vs_random"] is not None else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

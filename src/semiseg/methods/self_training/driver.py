@@ -428,31 +428,29 @@ class SelfTrainingRun:
         ids: list[str] = []
         labels, masks, kept = [], [], []
         background = int(self.cfg.evaluation.background_index)
+        normalise = self.datamodule.eval_views._tensor
         for batch in loader:
             image = batch["image"].to(self.device)
+            keep = torch.ones(image.shape[0], dtype=torch.bool)
             if options.pseudo_labeler == "input_ensemble" and view_noise is not None:  # the best teacher's views
-                raw = self.datamodule.denormalise(batch["image"])
-                normalise = self.datamodule.eval_views._tensor
-                label = torch.stack([torch.from_numpy(random_view_labels(teachers[0].predict_logits, picture, normalise,
-                                     view_noise, num_views, rng, options.binary_threshold, self.device))
-                                     for picture in raw])  # fmt: skip
-                kept.append(torch.ones(image.shape[0], dtype=torch.bool))
-                ids += list(batch["id"])
-                labels.append(label.to(torch.uint8))
-                masks.append(torch.zeros_like(label, dtype=torch.bool))
-                continue
-            if options.pseudo_labeler == "input_ensemble":
+                label = torch.stack([
+                    torch.from_numpy(random_view_labels(teachers[0].predict_logits, picture, normalise, view_noise,
+                                                        num_views, rng, options.binary_threshold, self.device))
+                    for picture in self.datamodule.denormalise(batch["image"])
+                ])  # fmt: skip
+                mask = torch.zeros_like(label, dtype=torch.bool)
+            elif options.pseudo_labeler == "input_ensemble":
                 probs = torch.stack([input_ensemble_probs(t.predict_logits, image) for t in teachers])
+                label, mask = model_ensemble(probs, options.ensemble_vote, options.binary_threshold)
             else:
                 probs = torch.stack([t.predict_logits(image).softmax(dim=1) for t in teachers])
-            keep = torch.ones(image.shape[0], dtype=torch.bool)
-            if options.pseudo_labeler == "inconsistency_mask":
-                label, raw_mask = inconsistency_mask(probs, options.binary_threshold)
-                mask = morph_mask(raw_mask, options.dilate_kernel, options.erode_kernel, options.morph_order)
-                if options.filter_bad_predictions and probs.shape[2] == 2:  # binary, as the official code
-                    keep = filter_bad_predictions(label, raw_mask, background).cpu()
-            else:
-                label, mask = model_ensemble(probs, options.ensemble_vote, options.binary_threshold)
+                if options.pseudo_labeler == "inconsistency_mask":
+                    label, raw_mask = inconsistency_mask(probs, options.binary_threshold)
+                    mask = morph_mask(raw_mask, options.dilate_kernel, options.erode_kernel, options.morph_order)
+                    if options.filter_bad_predictions and probs.shape[2] == 2:  # binary, as the official code
+                        keep = filter_bad_predictions(label, raw_mask, background).cpu()
+                else:
+                    label, mask = model_ensemble(probs, options.ensemble_vote, options.binary_threshold)
             kept.append(keep)
             ids += list(batch["id"])
             labels.append(label.to(torch.uint8).cpu())

@@ -134,8 +134,7 @@ class ConsistencyStudent(Student):
         super().setup(stage)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and self.schedule == "alternating" and datamodule is not None:
-            labeled = len(datamodule.training_set()) if hasattr(datamodule, "training_set") else len(
-                datamodule.parts["labeled"])  # fmt: skip
+            labeled = len(datamodule.training_set())  # the self-training DataModule: labeled + pseudo-labeled
             unlabeled = len(datamodule.parts["unlabeled"])
             self.cycle = (
                 max(1, math.ceil(labeled / datamodule.batch_size_labeled)),

@@ -13,7 +13,9 @@ from torch import nn
 
 from semiseg.config import compose_config
 from semiseg.errors import ConfigError
-from semiseg.models.perturbations import FeatureDropout, UniformMaskDropout, use_uniform_mask_dropout
+from semiseg.methods.uaps import mixed_pseudo_label
+from semiseg.models.perturbations import FeatureDropout, FeatureNoise, UniformMaskDropout, use_uniform_mask_dropout
+from semiseg.models.unet import dense_gradient
 from semiseg.runner import apply_performance, build_module
 from semiseg.train import train
 
@@ -39,6 +41,60 @@ def test_uniform_mask_dropout_in_eval_and_at_the_edges() -> None:
     assert torch.equal(UniformMaskDropout(1.0).train()(x), torch.zeros_like(x))
     channels_last = x.contiguous(memory_format=torch.channels_last)
     assert UniformMaskDropout(0.5).train()(channels_last).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_feature_noise_is_one_multiplicative_draw_shared_by_the_batch(channels_last: bool) -> None:
+    """``x (1 + u)``, ``u ~ U(-r, r)`` of shape ``(C, H, W)``: every image of the batch gets the same factor at a
+    position, the factors fill ``[1 - r, 1 + r)``, and a ``channels_last`` map stays ``channels_last``."""
+    torch.manual_seed(0)
+    x = torch.full((4, 8, 32, 32), 2.0, requires_grad=True)
+    source = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    noise = FeatureNoise(uniform_range=0.3).train()
+    out = noise(source)
+    factor = out.detach() / 2.0
+    assert torch.equal(factor, factor[:1].expand_as(factor))  # shared by the batch
+    assert factor.min() >= 0.7 and factor.max() < 1.3
+    assert factor.min() < 0.72 and factor.max() > 1.28  # the whole range is drawn
+    assert abs(factor.mean().item() - 1.0) < 0.01
+    assert len(torch.unique(factor[0])) > 8000  # one draw per (C, H, W) position, not per channel or row
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    out.sum().backward()
+    assert torch.allclose(x.grad, factor)  # d/dx of x (1 + u)
+    assert torch.equal(noise.eval()(source), source)
+
+
+def test_mixed_pseudo_label_takes_decoders_one_by_one_or_stacked() -> None:
+    torch.manual_seed(0)
+    probabilities = [torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last) for _ in range(4)]
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    expected = (weights.view(-1, 1, 1, 1, 1) * torch.stack(probabilities)).sum(dim=0).argmax(dim=1)
+    assert torch.equal(mixed_pseudo_label(probabilities, weights), expected)
+    assert torch.equal(mixed_pseudo_label(torch.stack(probabilities), weights), expected)
+    with pytest.raises(ValueError):
+        mixed_pseudo_label(probabilities[:3], weights)  # one weight per decoder
+
+
+def test_dense_gradient_hands_a_dense_channels_last_gradient_to_the_upsampling() -> None:
+    """The gradient of one input of a channel concatenation is a strided slice; ``dense_gradient`` makes what
+    reaches the input before it (the upsampling) dense ``channels_last``, with the same values."""
+    torch.manual_seed(0)
+    source = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+    upsampled = nn.functional.interpolate(source, scale_factor=2, mode="bilinear", align_corners=True)
+    skip = torch.randn(2, 4, 12, 12).contiguous(memory_format=torch.channels_last)
+    seen: list[torch.Tensor] = []
+    upsampled.register_hook(seen.append)  # the gradient the upsampling's backward receives
+    joined = torch.cat([skip, dense_gradient(upsampled)], dim=1)
+    grad = torch.randn_like(joined)
+    joined.backward(grad)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(seen[0], grad[:, 4:])
+    expected = torch.autograd.grad(
+        nn.functional.interpolate(source, scale_factor=2, mode="bilinear", align_corners=True), source, grad[:, 4:]
+    )[0]
+    assert torch.equal(source.grad, expected)
+    plain = torch.randn(2, 4, 6, 6, requires_grad=True)  # NCHW or no gradient: returned as is
+    assert dense_gradient(plain) is plain and dense_gradient(skip) is skip
 
 
 def test_the_swap_replaces_element_dropout_only() -> None:

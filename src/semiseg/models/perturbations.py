@@ -25,10 +25,21 @@ class FeatureNoise(nn.Module):
         self.uniform_range = uniform_range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x (B, C, H, W)`` -> ``x · (1 + u)``, the same as ``x + x · u`` up to rounding, in one product.
+
+        The draw is laid out as ``x`` is (``(H, W, C)`` permuted to ``(C, H, W)`` for ``channels_last``), so the
+        product runs over matching strides: on the CPU a ``(C, H, W)`` draw against a ``channels_last`` map made
+        the two element-wise passes about 2.5 times slower (README, Performance).
+        """
         if not self.training:
             return x
-        noise = (torch.rand(x.shape[1:], device=x.device, dtype=x.dtype) * 2 - 1) * self.uniform_range
-        return x + x * noise.unsqueeze(0)
+        channels, height, width = x.shape[1:]
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            draw = torch.rand(height, width, channels, device=x.device, dtype=x.dtype).permute(2, 0, 1)
+        else:
+            draw = torch.rand(x.shape[1:], device=x.device, dtype=x.dtype)
+        scale = draw.mul_(2 * self.uniform_range).add_(1 - self.uniform_range)  # 1 + U(-r, r), in place
+        return x * scale.unsqueeze(0)
 
 
 class FeatureDropout(nn.Dropout):
@@ -53,8 +64,8 @@ class UniformMaskDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or self.p == 1 or x.device.type != "cpu":
             return F.dropout(x, self.p, self.training, self.inplace)
-        keep = (torch.rand_like(x) >= self.p).to(x.dtype)
-        return x * (keep * (1.0 / (1.0 - self.p)))
+        scale = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1/(1-p), in the draw's memory
+        return x * scale
 
 
 def use_uniform_mask_dropout(module: nn.Module) -> int:

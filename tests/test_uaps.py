@@ -271,6 +271,26 @@ def test_detached_uncertainty_weights_change_only_the_gradient() -> None:
     assert not torch.allclose(grads_a, grads_d)
 
 
+def test_certainty_temperature_sharpens_the_weights() -> None:
+    """``exp(−u / τ)``: τ = 1 is the paper; a small τ leaves little weight where the decoders disagree."""
+    paper = make_uaps(use_un=False, rampup_length=0)
+    sharp = make_uaps(use_un=False, rampup_length=0, certainty_temperature=0.25)
+    sharp.load_state_dict(paper.state_dict())
+    captured: dict[str, list] = {}
+    for name, module in (("paper", paper), ("sharp", sharp)):
+        original = module.pseudo_supervision
+
+        def spy(*args, name=name, original=original):
+            captured[name] = [weight.detach() for weight in args[3]]
+            return original(*args)
+
+        module.pseudo_supervision = spy
+        _unsupervised(module)
+    for paper_weight, sharp_weight in zip(captured["paper"], captured["sharp"], strict=True):
+        assert torch.allclose(sharp_weight, paper_weight**4, rtol=1e-4)  # exp(−4u) = exp(−u)^4
+        assert (sharp_weight <= paper_weight + 1e-7).all()
+
+
 # ---- networks and configuration --------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("num_aux", "expected"), [(0, 1_814_052), (1, 2_447_352), (2, 3_080_652), (3, 3_713_952), (4, 4_347_252)]
@@ -308,6 +328,7 @@ def test_ensemble_inference_is_the_mean_softmax() -> None:
         {"inference": "aux"},
         {"num_aux_decoders": -1},
         {"rampup_unit_steps": 0},
+        {"certainty_temperature": 0},
     ],
 )
 def test_bad_options_raise_config_error(bad: dict) -> None:

@@ -7,7 +7,9 @@ image of the run's unlabeled split with its hidden mask (the training never saw 
 only to score), at the run's 64² evaluation preprocessing:
 
 * the pseudo-label ``argmax Σ_k p_k / K`` (the expectation of the dynamic mix) and whether it is right;
-* the certainty weight of each pixel, ``mean_k exp(−u_k)`` with ``u_k = KL(p̄ ‖ p_k)``, as the loss applies it.
+* the certainty weight of each pixel, ``mean_k exp(−u_k / τ)`` with ``u_k = KL(p̄ ‖ p_k)``, as the loss applies it
+  (``τ`` = ``method.certainty_temperature``, the paper's 1.0; ``--temperatures`` scores other values of it on the
+  same forward passes: what a sharper weight would do to these pseudo-labels, without training).
 
 The decoders run with their training perturbations on (noise, dropout, feature drop; encoder dropout on, as in a
 training step) and BatchNorm on its running statistics (a training step would use the batch's); one seeded draw.
@@ -15,8 +17,8 @@ training step) and BatchNorm on its running statistics (a training step would us
 Printed per run and pooled: the share of wrong pseudo-label pixels, the mean weight on right and on wrong pixels,
 the share of the loss's total weight that lands on wrong pixels (against the share of wrong pixels: equal means
 the weighting does not filter at all), and the AUROC of the weight as a detector of a right pseudo-label (0.5:
-no information), over all pixels and over the pixels whose hidden label is a defect. ``--out FILE`` writes the
-figures as JSON.
+no information), over all pixels and over the pixels whose hidden label is a defect, and the mean weight (how
+much of the loss's pull remains). ``--out FILE`` writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class Tally:
             "mean_weight_right": self.weight_right / max(right, 1),
             "mean_weight_wrong": self.weight_wrong / max(wrong, 1),
             "weight_share_on_wrong": self.weight_wrong / total_weight if total_weight else math.nan,
+            "mean_weight": total_weight / max(right + wrong, 1),
             "auroc": auroc if right and wrong else math.nan,
         }
 
@@ -88,7 +91,9 @@ def batchnorm_eval(module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def analyse(run_dir: Path, which: str, batch_size: int, seed: int) -> dict[str, dict[str, float]]:
+def analyse(
+    run_dir: Path, which: str, batch_size: int, seed: int, temperatures: list[float]
+) -> dict[str, dict[str, float]]:
     checkpoints = sorted((run_dir / "checkpoints").glob("best-step*.ckpt")) if which == "best" else []
     path = checkpoints[-1] if checkpoints else run_dir / "checkpoints" / "last.ckpt"
     run_cfg, found_dir = find_run_config(path)
@@ -104,18 +109,20 @@ def analyse(run_dir: Path, which: str, batch_size: int, seed: int) -> dict[str, 
     torch.manual_seed(seed)
     background = int((module.hparams.get("evaluation") or {}).get("background_index", 0))
     ignore = module.ignore_index
-    tallies = {"all pixels": Tally(), "defect pixels": Tally()}
+    tallies = {f"{region}, τ={t:g}": Tally() for t in temperatures for region in ("all pixels", "defect pixels")}
     for batch in loader:
         logits = module.net.forward_all(batch["image"])
         log_probabilities = torch.stack([item.float().log_softmax(dim=1) for item in logits])  # (K, B, C, H, W)
-        weight = torch.exp(-decoder_uncertainty(log_probabilities)).mean(dim=0)  # (B, H, W)
+        uncertainty = decoder_uncertainty(log_probabilities)  # (K, B, H, W)
         pseudo_label = log_probabilities.exp().mean(dim=0).argmax(dim=1)
         mask = batch["mask"]
         valid = mask != ignore
         right = pseudo_label == mask
-        tallies["all pixels"].add(weight[valid], right[valid])
         defect = valid & (mask != background)
-        tallies["defect pixels"].add(weight[defect], right[defect])
+        for temperature in temperatures:
+            weight = torch.exp(-uncertainty / temperature).mean(dim=0)  # (B, H, W)
+            tallies[f"all pixels, τ={temperature:g}"].add(weight[valid], right[valid])
+            tallies[f"defect pixels, τ={temperature:g}"].add(weight[defect], right[defect])
     return {
         "checkpoint": str(path.relative_to(run_dir)),
         "images": len(dataset),
@@ -130,24 +137,26 @@ def main() -> None:
     parser.add_argument("--checkpoint", choices=["best", "last"], default="best")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="seed of the perturbation draws")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0], help="τ of exp(−u/τ)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    results, pooled = {}, {"all pixels": Tally(), "defect pixels": Tally()}
+    results: dict[str, dict] = {}
+    pooled: dict[str, Tally] = {}
     for run_dir in args.runs:
-        result = analyse(run_dir, args.checkpoint, args.batch_size, args.seed)
+        result = analyse(run_dir, args.checkpoint, args.batch_size, args.seed, args.temperatures)
         for name, tally in result.pop("_tallies").items():
-            pooled[name].merge(tally)
+            pooled.setdefault(name, Tally()).merge(tally)
         results[run_dir.name] = result
     results["pooled"] = {name: tally.figures() for name, tally in pooled.items()}
-    header = "run | pixels | wrong share | mean weight right / wrong | weight share on wrong | AUROC"
-    print(header)
+    print("run | pixels | wrong share | mean weight right / wrong | weight share on wrong | AUROC | mean weight")
     for run, result in results.items():
-        for name in ("all pixels", "defect pixels"):
+        for name in pooled:
             f = result[name]
             print(
                 f"{run} ({name}) | {f['pixels']:,} | {f['wrong_share']:.4f} | {f['mean_weight_right']:.4f} / "
-                f"{f['mean_weight_wrong']:.4f} | {f['weight_share_on_wrong']:.4f} | {f['auroc']:.4f}"
+                f"{f['mean_weight_wrong']:.4f} | {f['weight_share_on_wrong']:.4f} | {f['auroc']:.4f} | "
+                f"{f['mean_weight']:.4f}"
             )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

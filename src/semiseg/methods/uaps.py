@@ -11,7 +11,10 @@ Losses, with ``p_k = softmax(decoder_k)`` of shape ``(B, C, H, W)`` on the unlab
 * ``p̄ = mean_k p_k``; uncertainty per pixel ``u_k = KL(p̄ ‖ p_k) = Σ_c p̄_c (log p̄_c − log p_k,c)``, ``(B, H, W)``;
 * pseudo-label ``ŷ = argmax_c Σ_k λ_k p_k`` (detached) with ``λ ~ Dirichlet(1, …, 1)`` drawn once per
   iteration ("dynamic mixing"); ``mixing: average`` uses ``λ_k = 1/K`` (the paper's ablation);
-* ``L_ups = mean_k 0.5 (CE + Dice)(p_k, ŷ)`` with every pixel weighted by ``exp(−u_k)``;
+* ``L_ups = mean_k 0.5 (CE + Dice)(p_k, ŷ)`` with every pixel weighted by ``exp(−u_k / τ)``, ``τ =
+  certainty_temperature`` (the paper: ``τ = 1``; an option of this suite, not of the paper or its code: late in
+  training the decoders agree so closely that ``exp(−u)`` keeps about 98 % of a wrong pseudo-label's weight,
+  experiments/evidence/README.md; ``τ < 1`` sharpens the weights the uncertainty already ranks);
 * ``L_un = mean_k mean(u_k)``;
 * ``L_ps`` (off by default; the paper's ablation ℓps): ``L_ups`` without the uncertainty weights.
 
@@ -134,6 +137,7 @@ class UAPS(SemiSupervisedModule):
         rampup_unit_steps: optimisation steps per ramp unit (the paper: 80).
         un_rampup: ramp w2 as w1 (the paper); ``false`` keeps w2 constant (the official MTiles code).
         detach_uncertainty_weights: treat ``exp(−u_k)`` as constants in ``L_ups``.
+        certainty_temperature: τ in the weights ``exp(−u_k / τ)`` (the paper: 1.0; > 0).
         inference: ``main`` (encoder + main decoder) or ``ensemble`` (mean softmax of all decoders).
     """
 
@@ -153,6 +157,7 @@ class UAPS(SemiSupervisedModule):
         rampup_unit_steps: int = 80,
         un_rampup: bool = True,
         detach_uncertainty_weights: bool = False,
+        certainty_temperature: float = 1.0,
         inference: str = "main",
         **base: Any,
     ) -> None:
@@ -166,6 +171,10 @@ class UAPS(SemiSupervisedModule):
             ("inference", inference, INFERENCE_MODES),
         ):
             check_choice(f"method.{key}", value, allowed)
+        if not isinstance(certainty_temperature, int | float) or not certainty_temperature > 0:
+            raise ConfigError(
+                f"method.certainty_temperature={certainty_temperature!r} must be a number > 0 (1.0: the paper)"
+            )
         if isinstance(rampup_unit_steps, bool) or not isinstance(rampup_unit_steps, int) or rampup_unit_steps < 1:
             raise ConfigError(f"method.rampup_unit_steps={rampup_unit_steps!r} must be an integer >= 1, e.g. 80")
         # plain containers (not OmegaConf nodes) in the saved hyperparameters, so checkpoints load with
@@ -187,6 +196,7 @@ class UAPS(SemiSupervisedModule):
         self.rampup_unit_steps = rampup_unit_steps
         self.un_rampup = bool(un_rampup)
         self.detach_uncertainty_weights = bool(detach_uncertainty_weights)
+        self.certainty_temperature = float(certainty_temperature)
         self.inference = inference
         super().__init__(**base)
 
@@ -274,7 +284,7 @@ class UAPS(SemiSupervisedModule):
             loss_un = uncertainty.mean(dim=(1, 2, 3)).mean() if self.use_un else zero
             loss_ups = zero
             if self.use_ups:
-                certainty = torch.exp(-uncertainty)
+                certainty = torch.exp(-uncertainty / self.certainty_temperature)
                 if self.detach_uncertainty_weights:
                     certainty = certainty.detach()
                 loss_ups = self.pseudo_supervision(log_probabilities, probabilities, pseudo_label, certainty.unbind(0))

@@ -12,6 +12,8 @@
 #   method/seed lists (the joblib shape, 1.71x the throughput of one 2-thread job: README "Performance") share
 #   RUNS_DIR and the records; the report step holds a lock, so neither loses the other's record.
 #   `touch RUNS_DIR/pause` holds the sweep before its next run (e.g. to free the CPU for a benchmark); rm to go on
+#   EXPERIMENT=native_crops_mtiles EVIDENCE_DIR=experiments/native_resolution: another preset, its own records
+#   (default: evidence_neu_cpu into experiments/evidence); give each preset its own RUNS_DIR
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${SEMISEG_DATA_DIR:?set SEMISEG_DATA_DIR to the folder that holds NEU_data}"
@@ -21,9 +23,10 @@ EVIDENCE_DIR="${EVIDENCE_DIR:-experiments/evidence}"
 RECORDS="$EVIDENCE_DIR/runs.jsonl"
 METHODS_A="${METHODS_A:-supervised uaps}"
 SEEDS_A="${SEEDS_A:-0 1 2 3 4}"
-METHODS_B="${METHODS_B:-mean_teacher cps fixmatch unimatch}"
+METHODS_B="${METHODS_B-mean_teacher cps fixmatch unimatch}"  # set but empty: none
 SEEDS_B="${SEEDS_B:-0 1 2}"
 THREADS="${THREADS:-auto}"
+EXPERIMENT="${EXPERIMENT:-evidence_neu_cpu}"
 
 recorded() {  # method seed: is the run in the records?
   [ -f "$RECORDS" ] && "$PYTHON" - "$RECORDS" "$1" "$2" <<'PY'
@@ -39,7 +42,7 @@ run_one() {  # method seed
   while [ -f "$RUNS_DIR/pause" ]; do sleep 20; done
   if recorded "$1" "$2"; then echo "in $RECORDS already: $name"; return; fi
   echo "$(date -u +%FT%TZ) start $name"
-  "$PYTHON" -m semiseg.train experiment=evidence_neu_cpu "method=$1" "seed=$2" data.num_workers=0 \
+  "$PYTHON" -m semiseg.train "experiment=$EXPERIMENT" "method=$1" "seed=$2" data.num_workers=0 \
     "num_threads=$THREADS" logger=csv resume=true "hydra.run.dir=$dir"
   (
     flock 9  # one report at a time: each reads the records, adds its run and rewrites them

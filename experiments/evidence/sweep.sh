@@ -14,6 +14,8 @@
 #   `touch RUNS_DIR/pause` holds the sweep before its next run (e.g. to free the CPU for a benchmark); rm to go on
 #   EXPERIMENT=native_crops_mtiles EVIDENCE_DIR=experiments/native_resolution: another preset, its own records
 #   (default: evidence_neu_cpu into experiments/evidence); give each preset its own RUNS_DIR
+#   OVERRIDES="trainer.max_steps=1 ...": extra Hydra overrides for every run (a smoke test; they change the
+#   runs' identity, so never mix such runs into real records)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${SEMISEG_DATA_DIR:?set SEMISEG_DATA_DIR to the folder that holds NEU_data}"
@@ -27,6 +29,7 @@ METHODS_B="${METHODS_B-mean_teacher cps fixmatch unimatch}"  # set but empty: no
 SEEDS_B="${SEEDS_B:-0 1 2}"
 THREADS="${THREADS:-auto}"
 EXPERIMENT="${EXPERIMENT:-evidence_neu_cpu}"
+read -r -a EXTRA <<< "${OVERRIDES:-}"
 
 recorded() {  # method seed: is the run in the records?
   [ -f "$RECORDS" ] && "$PYTHON" - "$RECORDS" "$1" "$2" <<'PY'
@@ -43,7 +46,7 @@ run_one() {  # method seed
   if recorded "$1" "$2"; then echo "in $RECORDS already: $name"; return; fi
   echo "$(date -u +%FT%TZ) start $name"
   "$PYTHON" -m semiseg.train "experiment=$EXPERIMENT" "method=$1" "seed=$2" data.num_workers=0 \
-    "num_threads=$THREADS" logger=csv resume=true "hydra.run.dir=$dir"
+    "num_threads=$THREADS" logger=csv resume=true "hydra.run.dir=$dir" ${EXTRA[@]+"${EXTRA[@]}"}
   (
     flock 9  # one report at a time: each reads the records, adds its run and rewrites them
     local sources=("$dir")

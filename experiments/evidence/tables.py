@@ -58,31 +58,31 @@ def threads_of_runs(records: Path) -> dict[tuple[str, int], str]:
     return threads
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a Markdown table."""
+    return [f"| {' | '.join(header)} |", "|" + "---|" * len(header), *(f"| {' | '.join(row)} |" for row in rows)]
+
+
 def runs_table(runs: list[dict[str, str]], threads: dict[tuple[str, int], str]) -> list[str]:
-    lines = [
-        "| run | test mIoU | test mIoU_image | test mDice | test mDice_image | best val mIoU (step) | train s "
-        "| threads |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["run", "test mIoU", "test mIoU_image", "test mDice", "test mDice_image", "best val mIoU (step)"]
+    rows = []
     for run in sorted(runs, key=lambda r: (method_key(r["method"]), int(r["seed"]))):
         seed = int(run["seed"])
-        cells = " | ".join(f"{float(run[m]):.4f}" for m in METRICS)
-        best = f"{float(run['best_val']):.4f} ({int(run['best_val_step']):,})"
-        lines.append(
-            f"| {name(run['method'])}, seed {seed} | {cells} | {best} | {float(run['train_seconds']):,.0f} | "
-            f"{threads.get((run['method'], seed), '?')} |"
-        )
-    return lines
+        rows.append([
+            f"{name(run['method'])}, seed {seed}",
+            *(f"{float(run[metric]):.4f}" for metric in METRICS),
+            f"{float(run['best_val']):.4f} ({int(run['best_val_step']):,})",
+            f"{float(run['train_seconds']):,.0f}",
+            threads.get((run["method"], seed), "?"),
+        ])  # fmt: skip
+    return markdown_table([*header, "train s", "threads"], rows)
 
 
 def summary_table(runs: list[dict[str, str]]) -> list[str]:
     by_method: dict[str, list[dict[str, str]]] = defaultdict(list)
     for run in runs:
         by_method[run["method"]].append(run)
-    lines = [
-        "| method | seeds | test mIoU | test mIoU_image | median train s |",
-        "|---|---|---|---|---|",
-    ]
+    rows = []
     for method in sorted(by_method, key=method_key):
         group = by_method[method]
         cells = []
@@ -92,28 +92,28 @@ def summary_table(runs: list[dict[str, str]]) -> list[str]:
             cells.append(f"{statistics.mean(values):.4f}{spread}")
         seconds = statistics.median(float(run["train_seconds"]) for run in group)
         seeds = ",".join(str(s) for s in sorted(int(run["seed"]) for run in group))
-        lines.append(f"| {name(method)} | {len(group)} ({seeds}) | {cells[0]} | {cells[1]} | {seconds:,.0f} |")
-    return lines
+        rows.append([name(method), f"{len(group)} ({seeds})", *cells, f"{seconds:,.0f}"])
+    return markdown_table(["method", "seeds", "test mIoU", "test mIoU_image", "median train s"], rows)
 
 
 def paired_table(paired: list[dict[str, str]]) -> list[str]:
-    lines = [
-        "| method − supervised | pairs | Δ test mIoU | 95 % t interval | p (sign-flip) [floor] | "
-        "Δ mIoU_image, image bootstrap [95 %] |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for row in sorted(paired, key=lambda r: method_key(r["method"])):
         pairs = int(row["n_pairs"])
         delta = float(row["mean_delta"])
         excludes_zero = bool(row["ci_low"]) and (float(row["ci_low"]) > 0 or float(row["ci_high"]) < 0)
-        delta_text = f"**{delta:+.4f}**" if excludes_zero else f"{delta:+.4f}"
         interval = f"[{float(row['ci_low']):+.4f}, {float(row['ci_high']):+.4f}]" if row["ci_low"] else "n/a"
         boot = f"{float(row['boot_delta']):+.4f} [{float(row['boot_ci_low']):+.4f}, {float(row['boot_ci_high']):+.4f}]"
-        lines.append(
-            f"| {name(row['method'])} | {pairs} | {delta_text} | {interval} | "
-            f"{float(row['p_value']):.4f} [{2 / 2**pairs:.4f}] | {boot} |"
-        )
-    return lines
+        rows.append([
+            name(row["method"]),
+            str(pairs),
+            f"**{delta:+.4f}**" if excludes_zero else f"{delta:+.4f}",
+            interval,
+            f"{float(row['p_value']):.4f} [{2 / 2**pairs:.4f}]",
+            boot,
+        ])  # fmt: skip
+    header = ["method − supervised", "pairs", "Δ test mIoU", "95 % t interval", "p (sign-flip) [floor]"]
+    return markdown_table([*header, "Δ mIoU_image, image bootstrap [95 %]"], rows)
 
 
 def diagnostics_table(curves: list[dict[str, str]]) -> list[str]:
@@ -121,16 +121,12 @@ def diagnostics_table(curves: list[dict[str, str]]) -> list[str]:
     for row in curves:
         values[(row["row"], row["key"], int(row["step"]))] = (float(row["mean"]), float(row["std"]), int(row["n"]))
     methods = sorted({row["row"] for row in curves}, key=method_key)
-    header = " | ".join(f"step {step:,}" for step in DIAGNOSTIC_STEPS)
-    lines = [
-        f"| method | quantity | {header} |",
-        "|---|---|" + "---|" * len(DIAGNOSTIC_STEPS),
-    ]
     keys = (
         ("val/mIoU", "val mIoU"),
         ("diag/pseudo_label_mIoU", "pseudo-label mIoU (used pixels)"),
         ("diag/unsup_pixel_share", "share of pixels used"),
     )
+    rows = []
     for method in methods:
         for key, label in keys:
             cells = []
@@ -141,8 +137,8 @@ def diagnostics_table(curves: list[dict[str, str]]) -> list[str]:
                 mean, std, count = values[(method, key, step)]
                 cells.append(f"{mean:.3f} ± {std:.3f} (n={count})" if count > 1 else f"{mean:.3f} (n=1)")
             if any(cell != "–" for cell in cells):
-                lines.append(f"| {name(method)} | {label} | " + " | ".join(cells) + " |")
-    return lines
+                rows.append([name(method), label, *cells])
+    return markdown_table(["method", "quantity", *(f"step {step:,}" for step in DIAGNOSTIC_STEPS)], rows)
 
 
 def tables() -> str:

@@ -4,6 +4,7 @@ targets, EvalNet filtering, resuming inside a generation, and a two-generation r
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +15,15 @@ from semiseg.methods.self_training.data import MaskedViewMaker, SelfTrainingSet
 from semiseg.methods.self_training.driver import SelfTrainingRun, student_config
 from semiseg.methods.self_training.evalnet import (
     EvalNet,
+    EvalNetSetting,
     copies_from_scores,
+    evalnet_options,
     label_iou,
     official_copies,
     one_hot_labels,
     perturb_mask,
     score_pseudo_labels,
+    train_evalnets,
 )
 from semiseg.methods.self_training.masks import (
     binary_inconsistency_mask,
@@ -344,6 +348,27 @@ def test_im_plusplus_run_filters_with_evalnet(make_cfg, tmp_path: Path) -> None:
     assert (pseudo.copies[kept] == wanted[kept]).all() and evalnet["kept"] == int(kept.sum())
     widths = [s["num_params"] for s in entry["students"]]
     assert widths[0] > results["generations"][0]["students"][0]["num_params"]  # Noisy Student grows
+
+
+def test_training_evalnets_leaves_the_global_random_generators_as_they_were(make_cfg, tmp_path: Path) -> None:
+    """Trained here or reloaded by a resumed run, EvalNets leave the run's random streams alike."""
+    run = SelfTrainingRun(make_cfg("method=im_plusplus"))
+    setting = EvalNetSetting(
+        folder=tmp_path / "evalnet", datamodule=run.datamodule, in_channels=3, num_classes=2, ignore_index=255,
+        fast_dev_run=True,
+    )  # fmt: skip
+    options = evalnet_options({"training_data": "perturbed_truth", "max_steps": 1, "num_evalnets": 2})
+
+    def draws() -> tuple[float, float, float]:
+        return float(torch.rand(())), float(np.random.rand()), random.random()
+
+    for reloaded in (False, True):  # the second call finds model_<i>.pt and evalnet.json
+        torch.manual_seed(5), np.random.seed(5), random.seed(5)
+        expected = draws()
+        torch.manual_seed(5), np.random.seed(5), random.seed(5)
+        train_evalnets(setting, options)
+        assert draws() == expected, f"reloaded={reloaded}"
+    assert (tmp_path / "evalnet" / "evalnet.json").is_file()
 
 
 def test_evalnet_threshold_rule_drops_low_scores(make_cfg, tmp_path: Path) -> None:

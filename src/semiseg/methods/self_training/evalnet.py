@@ -52,6 +52,7 @@ from semiseg.io import atomic_save, atomic_write_json
 from semiseg.methods.self_training.masks import hard_labels, morph_mask
 from semiseg.methods.self_training.offline_augment import PhotometricNoise, augment_with_masks
 from semiseg.methods.self_training.pseudo_label_store import PseudoLabels
+from semiseg.resume import rng_states, set_rng_states
 
 log = logging.getLogger("semiseg.self_training")
 
@@ -484,7 +485,19 @@ def mean_absolute_error(net: EvalNet, loader: Iterable[dict[str, torch.Tensor]],
 
 def train_evalnets(setting: EvalNetSetting, options: Mapping[str, Any]) -> list[EvalNet]:
     """Train ``num_evalnets`` EvalNets (each from its own initialisation) and return the ``ensemble_size`` with the
-    lowest validation MAE; reloads what ``<folder>`` already holds (``model_<i>.pt``, ``evalnet.json``)."""
+    lowest validation MAE; reloads what ``<folder>`` already holds (``model_<i>.pt``, ``evalnet.json``).
+
+    The global random generators (torch, NumPy, Python) leave as they came: each EvalNet seeds its own
+    initialisation, and the run's students after it draw the same numbers whether the EvalNets were trained here
+    or reloaded by a resumed run."""
+    states = rng_states()
+    try:
+        return _train_evalnets(setting, options)
+    finally:
+        set_rng_states(states)
+
+
+def _train_evalnets(setting: EvalNetSetting, options: Mapping[str, Any]) -> list[EvalNet]:
     folder = Path(setting.folder)
     summary_path = folder / "evalnet.json"
     width, lr = float(options["width_multiplier"]), float(options["lr"])

@@ -16,6 +16,7 @@ from semiseg.methods.self_training.evalnet import (
     EVALNET_DEFAULTS,
     label_iou,
     ldt_sample,
+    ldt_votes,
     score_pseudo_labels,
 )
 from semiseg.methods.self_training.masks import (
@@ -329,3 +330,28 @@ def test_consistency_run_finetunes_the_best_ldt_student(make_cfg, tmp_path) -> N
         assert record["method_overrides"]["init_weights"].endswith(f"generation_0/student_{best}/model.pt")
     first = json.loads((tmp_path / "run" / "generation_0" / "student_0" / "student.json").read_text())
     assert first["method_overrides"] == {"consistency_weight": 0.0}
+
+
+def test_ldt_votes_batch_the_images_and_give_each_image_its_own_labels() -> None:
+    """Five images in passes of at most two: every predictor's hard labels, as one image at a time gives them."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (6, 5, 3), dtype=np.uint8) for _ in range(5)]
+    batch_sizes: list[int] = []
+
+    def normalise(image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(image).permute(2, 0, 1).float() / 255
+
+    def first_channel_wins(x: torch.Tensor) -> torch.Tensor:  # 3 classes: argmax of the channels
+        batch_sizes.append(x.shape[0])
+        return x
+
+    def brighter_than_half(x: torch.Tensor) -> torch.Tensor:  # binary: foreground where the mean is > 0.5
+        mean = x.mean(dim=1, keepdim=True)
+        return torch.cat([torch.zeros_like(mean), (mean - 0.5) * 100], dim=1)
+
+    votes = ldt_votes([first_channel_wins, brighter_than_half], images, normalise, batch_size=2)
+    assert votes.shape == (2, 5, 6, 5) and votes.dtype == np.uint8
+    assert batch_sizes == [2, 2, 1]
+    for index, image in enumerate(images):
+        assert (votes[0, index] == image.argmax(axis=2)).all()
+        assert (votes[1, index] == (image.astype(float).mean(axis=2) / 255 > 0.5)).all()

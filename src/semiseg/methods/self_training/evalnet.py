@@ -335,13 +335,16 @@ def ldt_votes(
     normalise: Callable[[np.ndarray], torch.Tensor],
     device: torch.device | str = "cpu",
     binary_threshold: float = 0.5,
+    batch_size: int = 16,
 ) -> np.ndarray:
-    """Every predictor's hard labels on every image: ``(M, N, H, W)`` uint8."""
+    """Every predictor's hard labels on every image: ``(M, N, H, W)`` uint8, ``batch_size`` images a pass (the
+    images share the evaluation size; the predictors are in eval mode, so batching does not change a label)."""
     votes = np.zeros((len(predictors), len(images), *images[0].shape[:2]), dtype=np.uint8)
-    for index, image in enumerate(images):
-        tensor = normalise(image)[None].to(device)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        tensor = torch.stack([normalise(image) for image in chunk]).to(device)
         for model, predict in enumerate(predictors):
-            votes[model, index] = hard_labels(predict(tensor), binary_threshold)[0].cpu().numpy()
+            votes[model, start : start + len(chunk)] = hard_labels(predict(tensor), binary_threshold).cpu().numpy()
     return votes
 
 

@@ -355,3 +355,15 @@ def test_ldt_votes_batch_the_images_and_give_each_image_its_own_labels() -> None
     for index, image in enumerate(images):
         assert (votes[0, index] == image.argmax(axis=2)).all()
         assert (votes[1, index] == (image.astype(float).mean(axis=2) / 255 > 0.5)).all()
+
+
+@pytest.mark.parametrize(("views", "expected"), [
+    ("weak_strong", ("image", "image_strong")),
+    ("strong_strong", ("image", "image_strong", "image_strong2")),
+])  # fmt: skip
+def test_consistency_student_asks_only_for_the_views_its_loss_reads(make_cfg, views: str, expected: tuple) -> None:
+    run = SelfTrainingRun(make_cfg("method=consistency_loss", f"method.views={views}"))
+    assert ConsistencyStudent.views_for(run.cfg.method) == expected
+    assert run.datamodule.unlabeled_views.views == expected
+    item = run.datamodule.part_dataset("unlabeled")[0]
+    assert {key for key in item if key.startswith("image")} == set(expected)

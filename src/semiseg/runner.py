@@ -42,7 +42,7 @@ def build_datamodule(cfg: DictConfig, method_class: type) -> Any:
         cfg.data,
         dataset=dataset,
         use_unlabeled=method_class.uses_unlabeled,
-        unlabeled_views=list(method_class.unlabeled_views),
+        unlabeled_views=list(method_class.views_for(cfg.method)),
         _convert_="all",
     )
 

@@ -5,7 +5,8 @@ config, the supervised loss, the optimizer and scheduler, validation and test me
 A method subclass says only what is new:
 
 * ``uses_unlabeled`` / ``unlabeled_views`` (class attributes): whether it consumes unlabeled batches
-  and which views of each unlabeled image the DataModule must produce;
+  and which views of each unlabeled image the DataModule must produce (:meth:`views_for` when they depend on
+  the method's settings);
 * :meth:`configure_networks`: the networks it trains (default: one network ``self.net``);
 * :meth:`unsupervised_loss`: its loss on the unlabeled batch, and named terms to log;
 * optionally :meth:`supervised_loss` (e.g. averaged over several decoders), :meth:`predict_logits`
@@ -85,6 +86,13 @@ class SemiSupervisedModule(L.LightningModule):
 
     uses_unlabeled: ClassVar[bool] = True
     unlabeled_views: ClassVar[tuple[str, ...]] = ("image",)
+
+    @classmethod
+    def views_for(cls, method: Mapping[str, Any]) -> tuple[str, ...]:
+        """The views of each unlabeled image the DataModule makes for a run with the ``method`` config (its
+        keyword arguments); default :attr:`unlabeled_views`. A method whose views depend on a setting narrows them,
+        so no augmentation is drawn for a view its loss never reads."""
+        return cls.unlabeled_views
 
     def __init__(
         self,

@@ -311,7 +311,7 @@ class SelfTrainingRun:
         datamodule = SelfTrainingDataModule(
             dataset=dataset,
             use_unlabeled=self.student_class.uses_unlabeled,
-            unlabeled_views=list(self.student_class.unlabeled_views),
+            unlabeled_views=list(self.student_class.views_for(self.cfg.method)),
             labeled_copies=self.options.labeled_copies,
             masked_input=self.options.masked_input,
             **data,

@@ -18,6 +18,7 @@ out in the input and marked in the target, so the only new things here are
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -129,6 +130,14 @@ class ConsistencyStudent(Student):
         self.views = views
         self.cycle: tuple[int, int] | None = None  # (labeled steps, unlabeled steps) of one alternating cycle
         super().__init__(**options)
+
+    @classmethod
+    def views_for(cls, method: Mapping[str, Any]) -> tuple[str, ...]:
+        """``weak_strong`` reads the weak view and one strong view; ``strong_strong`` two strong views (the weak
+        ``image`` is kept: every unlabeled batch carries it)."""
+        if method.get("views", "weak_strong") == "weak_strong":
+            return ("image", "image_strong")
+        return cls.unlabeled_views
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

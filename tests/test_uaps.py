@@ -329,6 +329,7 @@ def test_ensemble_inference_is_the_mean_softmax() -> None:
         {"num_aux_decoders": -1},
         {"rampup_unit_steps": 0},
         {"certainty_temperature": 0},
+        {"certainty_temperature": True},
     ],
 )
 def test_bad_options_raise_config_error(bad: dict) -> None:

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 from semiseg.evaluate import build_datamodule, find_run_config, load_checkpoint, load_module  # noqa: E402
-from semiseg.methods.uaps import UAPS, decoder_uncertainty  # noqa: E402
+from semiseg.methods.uaps import UAPS, decoder_uncertainty, mixed_pseudo_label, mixing_weights  # noqa: E402
 
 BINS = 2000  # histogram bins of the weight in [0, 1] for the AUROC (exact up to ties within a bin)
 
@@ -107,14 +107,14 @@ def analyse(
     module.train()
     batchnorm_eval(module)
     torch.manual_seed(seed)
-    background = int((module.hparams.get("evaluation") or {}).get("background_index", 0))
-    ignore = module.ignore_index
+    background, ignore = module.val_metrics.background_index, module.ignore_index
+    equal_weights = mixing_weights(module.num_decoders, "average")  # the expectation of the dynamic mix
     tallies = {f"{region}, τ={t:g}": Tally() for t in temperatures for region in ("all pixels", "defect pixels")}
     for batch in loader:
         logits = module.net.forward_all(batch["image"])
         log_probabilities = torch.stack([item.float().log_softmax(dim=1) for item in logits])  # (K, B, C, H, W)
         uncertainty = decoder_uncertainty(log_probabilities)  # (K, B, H, W)
-        pseudo_label = log_probabilities.exp().mean(dim=0).argmax(dim=1)
+        pseudo_label = mixed_pseudo_label(log_probabilities.exp(), equal_weights)
         mask = batch["mask"]
         valid = mask != ignore
         right = pseudo_label == mask
@@ -140,7 +140,6 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0], help="τ of exp(−u/τ)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     results: dict[str, dict] = {}
     pooled: dict[str, Tally] = {}
     for run_dir in args.runs:

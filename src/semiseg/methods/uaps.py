@@ -171,7 +171,11 @@ class UAPS(SemiSupervisedModule):
             ("inference", inference, INFERENCE_MODES),
         ):
             check_choice(f"method.{key}", value, allowed)
-        if not isinstance(certainty_temperature, int | float) or not certainty_temperature > 0:
+        if (
+            isinstance(certainty_temperature, bool)
+            or not isinstance(certainty_temperature, int | float)
+            or not (certainty_temperature > 0)
+        ):
             raise ConfigError(
                 f"method.certainty_temperature={certainty_temperature!r} must be a number > 0 (1.0: the paper)"
             )

@@ -48,3 +48,8 @@ class SegmentationNetwork(nn.Module):
 def count_trainable_parameters(module: nn.Module) -> int:
     """Number of parameters with ``requires_grad`` (shared parameters counted once)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Is ``x`` a 4-d map laid out ``channels_last`` (and not also plain contiguous, as a 1x1 or 1-channel map is)?"""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg.errors import ConfigError
+from semiseg.models.base import is_channels_last
 
 
 class FeatureNoise(nn.Module):
@@ -33,8 +34,8 @@ class FeatureNoise(nn.Module):
         """
         if not self.training:
             return x
-        channels, height, width = x.shape[1:]
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_channels_last(x):
+            channels, height, width = x.shape[1:]
             draw = torch.rand(height, width, channels, device=x.device, dtype=x.dtype).permute(2, 0, 1)
         else:
             draw = torch.rand(x.shape[1:], device=x.device, dtype=x.dtype)

@@ -196,3 +196,34 @@ def test_label_growing_methods_refuse_crops(make_cfg, capsys) -> None:
         train(make_cfg("method=cps_rg", *CROPS, "trainer.fast_dev_run=true"))
     assert stop.value.code == 2
     assert "data.crop_size" in capsys.readouterr().err
+
+
+def test_fit_check_scores_the_checkpoint_on_its_own_training_crops(make_cfg, monkeypatch) -> None:
+    """experiments/native_resolution/fit_check.py: the confusion counts every labeled crop pixel and its
+    columns are the checkpoint's predictions (a network forced to say class 2 puts every pixel there)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "native_resolution" / "fit_check.py"
+    spec = importlib.util.spec_from_file_location("fit_check", script)
+    fit_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_check)
+    cfg = make_cfg(*CROPS)
+    train(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    report = fit_check.fit_check(run_dir, "last.ckpt", num_batches=2, seed=0)
+    confusion = torch.tensor(report["confusion"])
+    num_classes = len(cfg.dataset.class_names)
+    assert confusion.shape == (num_classes, num_classes)
+    pixels = 2 * cfg.data.batch_size_labeled * 16 * 16
+    assert int(confusion.sum()) == pixels  # synthetic images are larger than the crop: nothing is padded
+    assert len(report["iou_on_training_batches"]) == num_classes
+
+    class SaysTwo(nn.Module):
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(image.shape[0], num_classes, *image.shape[-2:])
+            logits[:, 2] = 1.0
+            return logits
+
+    monkeypatch.setattr(fit_check, "load_module", lambda *args: SaysTwo())
+    forced = torch.tensor(fit_check.fit_check(run_dir, "last.ckpt", num_batches=2, seed=0)["confusion"])
+    assert int(forced[:, 2].sum()) == pixels and int(forced.sum()) == pixels

@@ -225,5 +225,10 @@ def test_fit_check_scores_the_checkpoint_on_its_own_training_crops(make_cfg, mon
             return logits
 
     monkeypatch.setattr(fit_check, "load_module", lambda *args: SaysTwo())
-    forced = torch.tensor(fit_check.fit_check(run_dir, "last.ckpt", num_batches=2, seed=0)["confusion"])
+    forced_report = fit_check.fit_check(run_dir, "last.ckpt", num_batches=2, seed=0)
+    forced = torch.tensor(forced_report["confusion"])
     assert int(forced[:, 2].sum()) == pixels and int(forced.sum()) == pixels
+    true_share_of_two = float(forced[2].sum()) / pixels  # IoU of the class every pixel is called: its true share
+    assert forced_report["iou_on_training_batches"][2] == pytest.approx(true_share_of_two, abs=1e-4)
+    assert all(iou in (0.0, None) for index, iou in enumerate(forced_report["iou_on_training_batches"]) if index != 2)
+    assert forced_report["predicted_defect_share"] == 1.0

@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from semiseg.data.datamodule import SemiSupervisedDataModule
 from semiseg.evaluate import load_checkpoint, load_module
+from semiseg.methods.supervised import Supervised
+from semiseg.metrics import SegmentationMetrics
 from semiseg.results import CONFIG_FILE, SPLIT_FILE
+from semiseg.runner import build_datamodule
 
 
 def _labeled_batches(datamodule: SemiSupervisedDataModule, num_batches: int) -> Iterator[dict]:
@@ -42,28 +45,19 @@ def fit_check(run_dir: Path, checkpoint_name: str, num_batches: int, seed: int) 
     cfg = OmegaConf.load(run_dir / CONFIG_FILE)
     checkpoint_path = run_dir / "checkpoints" / checkpoint_name
     module = load_module(checkpoint_path, load_checkpoint(checkpoint_path, False), cfg)
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    data.pop("_target_")
-    data.update(
-        dataset=instantiate(cfg.dataset.source, _convert_="all"),
-        split_file=str(run_dir / SPLIT_FILE),
-        use_unlabeled=False,
-        num_workers=0,
-    )
-    datamodule = SemiSupervisedDataModule(**data)
+    cfg.data.split_file = str(run_dir / SPLIT_FILE)
+    cfg.data.num_workers = 0
+    datamodule = build_datamodule(cfg, Supervised)  # the run's data settings, labeled images only
     datamodule.setup("fit")
-    num_classes = len(cfg.dataset.class_names)
-    ignore_index = int(cfg.data.ignore_index)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    metrics = SegmentationMetrics(list(cfg.dataset.class_names), ignore_index=int(cfg.data.ignore_index))
     torch.manual_seed(seed)
     for labeled in _labeled_batches(datamodule, num_batches):
         with torch.no_grad():
-            predicted = module(labeled["image"]).argmax(dim=1)  # (B, h, w)
-        valid = labeled["mask"] != ignore_index
-        pairs = labeled["mask"][valid] * num_classes + predicted[valid]
-        confusion += torch.bincount(pairs, minlength=num_classes**2).reshape(num_classes, num_classes)
-    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
-    iou = [round(float(c) / float(u), 4) if u else None for c, u in zip(confusion.diag(), union)]
+            metrics.update(module(labeled["image"]), labeled["mask"])
+    scores = metrics.compute()
+    confusion = metrics.confmat  # (K, K): rows true class, columns predicted
+    iou = [float(scores[f"IoU/{name}"]) for name in cfg.dataset.class_names]
+    iou = [None if math.isnan(value) else round(value, 4) for value in iou]  # None: class neither true nor predicted
     true_share = confusion.sum(1).float() / confusion.sum()
     return {
         "run": str(run_dir),
@@ -71,7 +65,7 @@ def fit_check(run_dir: Path, checkpoint_name: str, num_batches: int, seed: int) 
         "batches": num_batches,
         "classes": list(cfg.dataset.class_names),
         "true_pixel_share": [round(float(v), 4) for v in true_share],
-        "predicted_defect_share": round(float(confusion[:, 1:].sum()) / float(confusion.sum()), 4),
+        "predicted_defect_share": round(float(confusion[:, metrics.defect_classes].sum()) / float(confusion.sum()), 4),
         "iou_on_training_batches": iou,
         "confusion": confusion.tolist(),
     }
